@@ -1,0 +1,158 @@
+"""Model configuration and the model zoo presets.
+
+`ModelConfig` is the single source of truth for the architecture: presets are plain Python instances,
+checkpoints store `asdict(config)`, and overrides are applied by field name with type checks.
+Values follow the official v1 configs (lyuwenyu/RT-DETR, `rtdetr_pytorch/configs/rtdetr/`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class ModelConfig:
+    """Every architectural hyperparameter of RT-DETR.
+
+    Backbone: ResNet-vd ("PResNet") of `depth` 18/34/50/101. `stage_channels` and `stem_channels`
+    default to the official widths (64..512, stem 32/64); `stage_blocks` overrides the per-depth
+    block counts (used only by the tiny preset).
+    """
+
+    # Backbone (ResNet-vd, returns strides 8/16/32)
+    depth: int = 18
+    freeze_at: int = -1  # -1: nothing frozen; 0: the stem conv1 frozen; k>0: stem and the first k stages
+    freeze_norm: bool = False  # every backbone BatchNorm2d -> FrozenBatchNorm2d
+    stem_channels: int = 64
+    stage_channels: tuple[int, ...] = (64, 128, 256, 512)
+    stage_blocks: tuple[int, ...] | None = None  # None: the official counts for `depth`
+
+    # Efficient hybrid encoder (AIFI + CCFF)
+    encoder_hidden_dim: int = 256
+    encoder_ffn_dim: int = 1024
+    encoder_heads: int = 8
+    num_encoder_layers: int = 1
+    expansion: float = 0.5
+    depth_mult: float = 1.0
+    pe_temperature: float = 10000.0
+
+    # Decoder
+    hidden_dim: int = 256
+    decoder_ffn_dim: int = 1024
+    decoder_heads: int = 8
+    num_decoder_layers: int = 3
+    eval_idx: int = -1  # decoder layer whose head gives the eval output (-1: the last)
+    num_points: tuple[int, ...] = (4, 4, 4)  # deformable sampling points per feature level
+    num_queries: int = 300
+    num_classes: int = 80
+    num_denoising: int = 100
+    label_noise_ratio: float = 0.5
+    box_noise_scale: float = 1.0
+
+    # Input size the model was trained for; `predict` resizes to it.
+    image_size: tuple[int, int] = (640, 640)  # (height, width)
+
+    def __post_init__(self) -> None:
+        # JSON round trips turn tuples into lists; keep the declared types.
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, list):
+                setattr(self, f.name, tuple(value))
+        if self.depth not in (18, 34, 50, 101):
+            raise ValueError(f"ModelConfig.depth must be 18, 34, 50 or 101, got {self.depth}")
+        if len(self.num_points) != 3:
+            raise ValueError(f"ModelConfig.num_points needs one entry per feature level (3), got {self.num_points}")
+        if not -self.num_decoder_layers <= self.eval_idx < self.num_decoder_layers:
+            raise ValueError(
+                f"ModelConfig.eval_idx={self.eval_idx} is outside the {self.num_decoder_layers} decoder layers"
+            )
+
+    @property
+    def backbone_out_channels(self) -> tuple[int, int, int]:
+        """Channels of the backbone's S3, S4, S5 outputs (bottlenecks expand x4)."""
+        expansion = 4 if self.depth >= 50 else 1
+        return tuple(c * expansion for c in self.stage_channels[1:])  # type: ignore[return-value]
+
+    @property
+    def resolved_eval_idx(self) -> int:
+        return self.eval_idx % self.num_decoder_layers
+
+    def replace(self, **overrides: Any) -> "ModelConfig":
+        """A copy with fields overridden by name; unknown names and wrong types raise."""
+        return dataclasses.replace(self, **check_overrides(ModelConfig, overrides))
+
+
+def check_overrides(cls: type, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Validate `overrides` against the fields of dataclass `cls`; coerce ints to floats and lists to tuples."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    checked = {}
+    for name, value in overrides.items():
+        if name not in fields:
+            raise ValueError(f"unknown {cls.__name__} field '{name}'; known fields: {', '.join(sorted(fields))}")
+        default = getattr(cls(), name) if fields[name].default is not dataclasses.MISSING else None
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            value = float(value) if ok else value
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(default, tuple) or default is None:
+            ok = value is None or isinstance(value, (list, tuple))
+            value = tuple(value) if isinstance(value, list) else value
+        else:
+            ok = isinstance(value, type(default))
+        if not ok:
+            raise TypeError(f"{cls.__name__}.{name} expects {type(default).__name__}, got {value!r}")
+        checked[name] = value
+    return checked
+
+
+_R50_LIKE = dict(depth=50, freeze_at=0, freeze_norm=True, expansion=1.0, num_decoder_layers=6)
+
+PRESETS: dict[str, ModelConfig] = {
+    "rtdetr_r18vd": ModelConfig(depth=18, expansion=0.5, num_decoder_layers=3),
+    "rtdetr_r34vd": ModelConfig(depth=34, expansion=0.5, num_decoder_layers=4),
+    "rtdetr_r50vd_m": ModelConfig(**{**_R50_LIKE, "expansion": 0.5, "eval_idx": 2}),
+    "rtdetr_r50vd": ModelConfig(**_R50_LIKE),
+    "rtdetr_r101vd": ModelConfig(
+        **{**_R50_LIKE, "depth": 101, "encoder_hidden_dim": 384, "encoder_ffn_dim": 2048}
+    ),
+    # Small widths for tests and CPU training demos (not an official model).
+    "rtdetr_tiny": ModelConfig(
+        depth=18,
+        stem_channels=16,
+        stage_channels=(16, 32, 64, 128),
+        stage_blocks=(1, 1, 1, 1),
+        encoder_hidden_dim=64,
+        encoder_ffn_dim=128,
+        encoder_heads=4,
+        expansion=0.5,
+        depth_mult=0.34,
+        hidden_dim=64,
+        decoder_ffn_dim=128,
+        decoder_heads=4,
+        num_decoder_layers=2,
+        num_points=(2, 2, 2),
+        num_queries=100,
+        num_denoising=50,
+        image_size=(320, 320),
+    ),
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    """The config of preset `name` with `overrides` applied by field name."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset '{name}'; available: {', '.join(PRESETS)}")
+    return PRESETS[name].replace(**overrides)
+
+
+def config_dict(config: Any) -> dict[str, Any]:
+    """A JSON-friendly dict of a dataclass config (tuples become lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+
+
+__all__ = ["ModelConfig", "PRESETS", "preset", "check_overrides", "config_dict"]

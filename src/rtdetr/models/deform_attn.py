@@ -1,0 +1,101 @@
+"""Multi-scale deformable attention (Zhu et al. 2021, "Deformable DETR", Eq. 3), pure PyTorch.
+
+Each query attends to `num_points[l]` sampled locations on every feature level l around its reference box:
+    out = W_o sum_h sum_l sum_p A[h,l,p] * V_h,l(ref_xy + off[h,l,p] / P_l * ref_wh * 0.5)
+with A softmaxed jointly over levels and points and V sampled bilinearly (`grid_sample`, align_corners=False,
+zero padding). Module names match the official `cross_attn.*` keys.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def deformable_attention_core(
+    value: Tensor,
+    spatial_shapes: list[tuple[int, int]],
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+    num_points: list[int],
+) -> Tensor:
+    """Bilinear sampling and weighting.
+
+    value: [B, sum(H_l*W_l), heads, head_dim]; spatial_shapes: (H_l, W_l) per level;
+    sampling_locations: [B, Lq, heads, sum(P_l), 2] normalised (x, y) in [0, 1];
+    attention_weights: [B, Lq, heads, sum(P_l)] -> output [B, Lq, heads * head_dim].
+    """
+    b, _, heads, head_dim = value.shape
+    lq = sampling_locations.shape[1]
+    values = value.split([h * w for h, w in spatial_shapes], dim=1)
+    grids = (2 * sampling_locations - 1).split(num_points, dim=3)
+    sampled = []
+    for (h, w), value_l, grid_l in zip(spatial_shapes, values, grids):
+        value_l = value_l.permute(0, 2, 3, 1).reshape(b * heads, head_dim, h, w)
+        grid_l = grid_l.permute(0, 2, 1, 3, 4).flatten(0, 1)  # [B*heads, Lq, P_l, 2]
+        sampled.append(F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False))
+    weights = attention_weights.permute(0, 2, 1, 3).reshape(b * heads, 1, lq, -1)
+    out = (torch.cat(sampled, dim=-1) * weights).sum(-1)  # [B*heads, head_dim, Lq]
+    return out.reshape(b, heads * head_dim, lq).permute(0, 2, 1)
+
+
+class MSDeformableAttention(nn.Module):
+    def __init__(self, embed_dim: int = 256, num_heads: int = 8, num_points: tuple[int, ...] = (4, 4, 4)) -> None:
+        super().__init__()
+        if embed_dim % num_heads != 0:
+            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.num_points = list(num_points)
+        total_points = sum(num_points)
+        self.sampling_offsets = nn.Linear(embed_dim, num_heads * total_points * 2)
+        self.attention_weights = nn.Linear(embed_dim, num_heads * total_points)
+        self.value_proj = nn.Linear(embed_dim, embed_dim)
+        self.output_proj = nn.Linear(embed_dim, embed_dim)
+        # 1 / P_l for each point: offsets are scaled by the number of points of their level.
+        scale = torch.cat([torch.full((n,), 1.0 / n) for n in num_points])
+        self.register_buffer("num_points_scale", scale, persistent=False)
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        # Offsets start on a ring of 8 directions (one per head), point p at distance p+1 (official init).
+        nn.init.zeros_(self.sampling_offsets.weight)
+        thetas = torch.arange(self.num_heads, dtype=torch.float32) * (2.0 * math.pi / self.num_heads)
+        grid = torch.stack([thetas.cos(), thetas.sin()], -1)
+        grid = grid / grid.abs().max(-1, keepdim=True).values
+        bias = torch.cat(
+            [grid[:, None, :] * torch.arange(1, n + 1, dtype=torch.float32)[None, :, None] for n in self.num_points],
+            dim=1,
+        )  # [heads, sum(P_l), 2]
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(bias.flatten())
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+        nn.init.xavier_uniform_(self.value_proj.weight)
+        nn.init.zeros_(self.value_proj.bias)
+        nn.init.xavier_uniform_(self.output_proj.weight)
+        nn.init.zeros_(self.output_proj.bias)
+
+    def forward(
+        self,
+        query: Tensor,
+        reference_boxes: Tensor,
+        value: Tensor,
+        spatial_shapes: list[tuple[int, int]],
+    ) -> Tensor:
+        """query [B, Lq, C]; reference_boxes [B, Lq, 4] normalised cx,cy,w,h; value [B, Lv, C] -> [B, Lq, C]."""
+        b, lq, _ = query.shape
+        heads, total = self.num_heads, sum(self.num_points)
+        value = self.value_proj(value).reshape(b, value.shape[1], heads, self.embed_dim // heads)
+
+        offsets = self.sampling_offsets(query).reshape(b, lq, heads, total, 2)
+        weights = self.attention_weights(query).reshape(b, lq, heads, total).softmax(-1)
+        # loc = ref_xy + off / P_l * ref_wh * 0.5 (official v1 / v2 with offset_scale 0.5)
+        ref = reference_boxes[:, :, None, None, :]
+        scale = self.num_points_scale.to(query.dtype)[:, None] * 0.5
+        locations = ref[..., :2] + offsets * scale * ref[..., 2:]
+        out = deformable_attention_core(value, spatial_shapes, locations, weights, self.num_points)
+        return self.output_proj(out)
