@@ -87,11 +87,11 @@ class BottleNeck(nn.Module):
     def __init__(self, ch_in: int, ch_out: int, stride: int, shortcut: bool) -> None:
         super().__init__()
         self.shortcut = shortcut
-        if not shortcut:
-            self.short = projection_shortcut(ch_in, ch_out * self.expansion, stride)
         self.branch2a = ConvNormLayer(ch_in, ch_out, 1, 1, act=nn.ReLU(inplace=True))
         self.branch2b = ConvNormLayer(ch_out, ch_out, 3, stride, act=nn.ReLU(inplace=True))
         self.branch2c = ConvNormLayer(ch_out, ch_out * self.expansion, 1, 1)
+        if not shortcut:  # registered after the branches: the official state_dict order
+            self.short = projection_shortcut(ch_in, ch_out * self.expansion, stride)
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.branch2c(self.branch2b(self.branch2a(x)))

@@ -1,0 +1,199 @@
+"""`RTDETR`: the network plus its class names, with loading, saving and prediction.
+
+    model = RTDETR.from_checkpoint("rtdetr_r18vd_dec3_6x_coco_from_paddle.pth")  # or RTDETR.from_preset(...)
+    out = model(images)              # eval: [B,3,H,W] RGB in [0,1] -> pred_logits [B,Q,C], pred_boxes [B,Q,4]
+    dets = model.predict(["a.jpg", pil_image, ndarray], score_threshold=0.5)
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from torch import Tensor
+
+from .config import ModelConfig, config_dict, preset
+from .engine.checkpoint import atomic_save, model_checkpoint, read_checkpoint
+from .models.rtdetr import RTDETRModel
+from .postprocess import Detections, postprocess
+
+logger = logging.getLogger(__name__)
+
+ImageInput = str | Path | Image.Image | np.ndarray | Tensor
+
+
+class RTDETR(RTDETRModel):
+    """RT-DETR with the class names and dataset category ids of the data it was trained on."""
+
+    def __init__(
+        self, config: ModelConfig, class_names: Sequence[str] | None = None, category_ids: Sequence[int] | None = None
+    ) -> None:
+        super().__init__(config)
+        self.config = config
+        self.class_names = list(class_names or [f"class_{i}" for i in range(config.num_classes)])
+        self.category_ids = list(category_ids if category_ids is not None else range(config.num_classes))
+        if not len(self.class_names) == len(self.category_ids) == config.num_classes:
+            raise ValueError(
+                f"{len(self.class_names)} class names and {len(self.category_ids)} category ids "
+                f"for a model of {config.num_classes} classes"
+            )
+
+    @classmethod
+    def from_preset(
+        cls, name: str, class_names: Sequence[str] | None = None, category_ids: Sequence[int] | None = None,
+        **overrides: Any,
+    ) -> "RTDETR":  # fmt: skip
+        """A randomly initialised preset (`rtdetr_r18vd`, ..., `rtdetr_tiny`); overrides by ModelConfig field."""
+        if class_names is not None and "num_classes" not in overrides:
+            overrides["num_classes"] = len(class_names)
+        return cls(preset(name, **overrides), class_names, category_ids)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, strict: bool = True, **overrides: Any) -> "RTDETR":
+        """Load an official, Hugging Face or rtdetr checkpoint; the variant is read from the weights.
+
+        `num_decoder_layers=k` keeps the first k decoder layers and evaluates the k-th layer's head (the
+        paper's speed knob, Table 2: no retraining); `num_denoising=n` and the other ModelConfig fields that do
+        not change tensor shapes may be overridden too. Loading is strict: any missing, unexpected or
+        mis-shaped tensor raises with its name.
+        """
+        weights = read_checkpoint(path)
+        state_dict = dict(weights.state_dict)
+        config = weights.config
+        if "num_decoder_layers" in overrides:
+            state_dict = _truncate_decoder(state_dict, config.num_decoder_layers, overrides["num_decoder_layers"], path)
+            overrides.setdefault("eval_idx", -1)
+        model = cls(config.replace(**overrides), weights.class_names, weights.category_ids)
+        model.load_weights(state_dict, source=str(path), strict=strict)
+        logger.info("loaded %s checkpoint %s (%d tensors)", weights.kind, path, len(state_dict))
+        return model.eval()
+
+    def load_weights(self, state_dict: dict[str, Tensor], source: str = "state dict", strict: bool = True) -> list[str]:
+        """Load weights, reporting mismatches by name. Returns the names of the tensors left at their
+        initial values (non-strict loading only); raises on mis-shaped tensors and, if strict, on any mismatch."""
+        own = self.state_dict()
+        missing = [k for k in own if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in own]
+        misshaped = [
+            f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+            for k, v in own.items() if k in state_dict and state_dict[k].shape != v.shape
+        ]  # fmt: skip
+        problems = []
+        if misshaped:
+            problems.append(f"{len(misshaped)} mis-shaped: " + "; ".join(misshaped[:10]))
+        if strict and missing:
+            problems.append(f"{len(missing)} missing: " + ", ".join(missing[:10]))
+        if strict and unexpected:
+            problems.append(f"{len(unexpected)} unexpected: " + ", ".join(unexpected[:10]))
+        if problems:
+            raise ValueError(
+                f"weights from {source} do not fit this {self.describe()} model: " + " | ".join(problems)
+                + ". Is it a checkpoint of another variant?"
+            )  # fmt: skip
+        self.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False)
+        return missing
+
+    def describe(self) -> str:
+        c = self.config
+        return f"R{c.depth} ({c.encoder_hidden_dim}-d encoder, {c.num_decoder_layers} decoder layers, {c.num_classes} classes)"
+
+    def save(self, path: str | Path, **extra: Any) -> None:
+        """Write our checkpoint format (weights, resolved config, class names, category ids) atomically."""
+        checkpoint = model_checkpoint(self.config, self.state_dict(), self.class_names, self.category_ids, **extra)
+        atomic_save(checkpoint, path)
+
+    @torch.inference_mode()
+    def predict(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        score_threshold: float = 0.5,
+        image_size: tuple[int, int] | None = None,
+        batch_size: int = 8,
+        max_detections: int = 300,
+    ) -> list[Detections]:
+        """Detect objects: per image, boxes [N, 4] pixel xyxy in the original image, scores, labels
+        (dataset category ids) and class names, sorted by score.
+
+        Images: file paths (EXIF orientation applied), PIL images, uint8 arrays [H, W(, 3|4)] RGB, or float
+        tensors [3, H, W] RGB in [0, 1]. Each is resized to `image_size` (default: the config's, (H, W)),
+        ignoring aspect ratio, as in training. At most `max_detections` (query, class) pairs per image.
+        """
+        if isinstance(images, (str, Path, Image.Image, np.ndarray, Tensor)):
+            images = [images]
+        size = tuple(image_size or self.config.image_size)
+        was_training = self.training
+        self.eval()
+        device = next(self.parameters()).device
+        results: list[Detections] = []
+        for start in range(0, len(images), batch_size):
+            tensors, orig_sizes = zip(*(to_model_input(im, size) for im in images[start : start + batch_size]))
+            outputs = self(torch.stack(tensors).to(device))
+            sizes = torch.tensor(orig_sizes, device=device)
+            results += postprocess(
+                outputs, sizes, self.category_ids, self.class_names, score_threshold, max_detections
+            )
+        self.train(was_training)
+        return [Detections(d.boxes.cpu(), d.scores.cpu(), d.labels.cpu(), d.class_names) for d in results]
+
+    def extra_repr(self) -> str:
+        return f"config={config_dict(self.config)}"
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """An RGB PIL image with its EXIF orientation applied; errors name the file."""
+    try:
+        with Image.open(path) as image:
+            image = ImageOps.exif_transpose(image)
+            return to_rgb(image)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image not found: {path}") from None
+    except (OSError, SyntaxError, ValueError) as error:  # PIL's errors for unreadable/truncated files
+        raise ValueError(f"cannot read image {path}: {error}") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB of any PIL mode: 16-bit grayscale scaled to 8 bits, alpha composited on black."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        array = np.asarray(image, dtype=np.float64)
+        scale = 65535.0 if array.max() > 255 else 255.0
+        image = Image.fromarray((array / scale * 255).round().clip(0, 255).astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(background, image)
+    return image.convert("RGB")
+
+
+def to_model_input(image: ImageInput, size: tuple[int, int]) -> tuple[Tensor, tuple[int, int]]:
+    """(float tensor [3, H, W] RGB in [0, 1] resized to `size`, original (width, height))."""
+    if isinstance(image, Tensor):
+        if image.ndim != 3 or image.shape[0] != 3:
+            raise ValueError(f"a tensor image must be [3, H, W] RGB in [0, 1], got shape {tuple(image.shape)}")
+        h, w = image.shape[1:]
+        resized = F.interpolate(image[None].float(), size=size, mode="bilinear", align_corners=False, antialias=True)
+        return resized[0], (w, h)
+    if isinstance(image, (str, Path)):
+        image = load_image(image)
+    elif isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3):
+            raise ValueError(f"an array image must be uint8 [H, W] or [H, W, 3|4], got {image.dtype} {image.shape}")
+        image = Image.fromarray(image)
+    image = to_rgb(image)
+    # PIL bilinear (antialiased) resize, as the official eval transform `Resize([640, 640])` on PIL images.
+    resized = image.resize((size[1], size[0]), Image.BILINEAR)
+    array = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return array, image.size
+
+
+def _truncate_decoder(state_dict: dict[str, Tensor], available: int, keep: int, path: Any) -> dict[str, Tensor]:
+    """Drop the decoder layers (and their heads) from index `keep` on."""
+    if not 1 <= keep <= available:
+        raise ValueError(f"num_decoder_layers={keep}: {path} has {available} decoder layers (choose 1..{available})")
+    dropped = re.compile(r"^decoder\.(decoder\.layers|dec_score_head|dec_bbox_head)\.(\d+)\.")
+    return {k: v for k, v in state_dict.items() if not ((m := dropped.match(k)) and int(m.group(2)) >= keep)}

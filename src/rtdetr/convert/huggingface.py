@@ -1,0 +1,569 @@
+"""Hugging Face `RTDetrForObjectDetection` folders <-> our (official v1) names and `ModelConfig`.
+
+HF splits every self-attention `in_proj` into q/k/v projections and renames most modules (facts section 10).
+Two HF naming generations exist: the in-memory names of transformers 5.x (`self_attn.o_proj`, `mlp.fc1`,
+`encoder.aifi.N`) and the checkpoint names of transformers 4.x (`out_proj`, `fc1`, `encoder.encoder.N`), which
+transformers 5.x still writes in `save_pretrained` and renames on load. Both are read; folders are written
+with the checkpoint names, so transformers 4.x and 5.x both load them. transformers itself is never imported.
+
+Equivalence (facts section 10): HF equals the official model on eval outputs when `eval_size` is None; it has
+no `eval_idx` (always the last decoder layer), builds exactly 3 RepVGG blocks per CSP layer and one number of
+sampling points for all levels. Settings outside that raise ValueError naming the file and field.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from ..config import ModelConfig
+from ..models.backbone import BLOCKS_PER_DEPTH
+from ..models.rtdetr import RTDETRModel
+
+# Names with {placeholders}: {leaf} is a parameter name (no dot), {rest} any tail, every other one an index.
+_PLACEHOLDER_PATTERNS = {"leaf": r"[A-Za-z_]+", "rest": r".+"}
+
+
+def _conv_norm(official: str, hf: str) -> list[tuple[str, str]]:
+    """An official ConvNormLayer (conv, norm) and HF's ResNet conv layer (convolution, normalization)."""
+    return [
+        (f"{official}.conv.{{leaf}}", f"{hf}.convolution.{{leaf}}"),
+        (f"{official}.norm.{{leaf}}", f"{hf}.normalization.{{leaf}}"),
+    ]
+
+
+_BLOCK = "backbone.res_layers.{stage}.blocks.{block}"
+_HF_BLOCK = "model.backbone.model.encoder.stages.{stage}.layers.{block}"
+_AIFI = "encoder.encoder.{aifi}.layers.{layer}"
+_HF_AIFI = "model.encoder.aifi.{aifi}.layers.{layer}"
+_DEC = "decoder.decoder.layers.{layer}"
+_HF_DEC = "model.decoder.layers.{layer}"
+
+# (official name, HF 5.x name). Self-attention `in_proj_*` stands for HF's q/k/v projections joined.
+_RULES: list[tuple[str, str]] = [
+    *_conv_norm("backbone.conv1.conv1_1", "model.backbone.model.embedder.embedder.0"),
+    *_conv_norm("backbone.conv1.conv1_2", "model.backbone.model.embedder.embedder.1"),
+    *_conv_norm("backbone.conv1.conv1_3", "model.backbone.model.embedder.embedder.2"),
+    *_conv_norm(f"{_BLOCK}.branch2a", f"{_HF_BLOCK}.layer.0"),
+    *_conv_norm(f"{_BLOCK}.branch2b", f"{_HF_BLOCK}.layer.1"),
+    *_conv_norm(f"{_BLOCK}.branch2c", f"{_HF_BLOCK}.layer.2"),
+    *_conv_norm(f"{_BLOCK}.short.conv", f"{_HF_BLOCK}.shortcut.1"),  # AvgPool + 1x1 conv (variant D, stride 2)
+    *_conv_norm(f"{_BLOCK}.short", f"{_HF_BLOCK}.shortcut"),  # stride-1 projection (first stage)
+    ("encoder.input_proj.{level}.{index}.{leaf}", "model.encoder_input_proj.{level}.{index}.{leaf}"),
+    (f"{_AIFI}.self_attn.out_proj.{{leaf}}", f"{_HF_AIFI}.self_attn.o_proj.{{leaf}}"),
+    (f"{_AIFI}.self_attn.{{leaf}}", f"{_HF_AIFI}.self_attn.{{leaf}}"),
+    (f"{_AIFI}.linear1.{{leaf}}", f"{_HF_AIFI}.mlp.fc1.{{leaf}}"),
+    (f"{_AIFI}.linear2.{{leaf}}", f"{_HF_AIFI}.mlp.fc2.{{leaf}}"),
+    (f"{_AIFI}.norm1.{{leaf}}", f"{_HF_AIFI}.self_attn_layer_norm.{{leaf}}"),
+    (f"{_AIFI}.norm2.{{leaf}}", f"{_HF_AIFI}.final_layer_norm.{{leaf}}"),
+    *[(f"encoder.{m}.{{rest}}", f"model.encoder.{m}.{{rest}}") for m in ("lateral_convs", "fpn_blocks")],
+    *[(f"encoder.{m}.{{rest}}", f"model.encoder.{m}.{{rest}}") for m in ("downsample_convs", "pan_blocks")],
+    ("decoder.input_proj.{level}.conv.{leaf}", "model.decoder_input_proj.{level}.0.{leaf}"),
+    ("decoder.input_proj.{level}.norm.{leaf}", "model.decoder_input_proj.{level}.1.{leaf}"),
+    (f"{_DEC}.self_attn.out_proj.{{leaf}}", f"{_HF_DEC}.self_attn.o_proj.{{leaf}}"),
+    (f"{_DEC}.self_attn.{{leaf}}", f"{_HF_DEC}.self_attn.{{leaf}}"),
+    (f"{_DEC}.cross_attn.{{rest}}", f"{_HF_DEC}.encoder_attn.{{rest}}"),
+    (f"{_DEC}.norm1.{{leaf}}", f"{_HF_DEC}.self_attn_layer_norm.{{leaf}}"),
+    (f"{_DEC}.norm2.{{leaf}}", f"{_HF_DEC}.encoder_attn_layer_norm.{{leaf}}"),
+    (f"{_DEC}.norm3.{{leaf}}", f"{_HF_DEC}.final_layer_norm.{{leaf}}"),
+    (f"{_DEC}.linear1.{{leaf}}", f"{_HF_DEC}.mlp.fc1.{{leaf}}"),
+    (f"{_DEC}.linear2.{{leaf}}", f"{_HF_DEC}.mlp.fc2.{{leaf}}"),
+    ("decoder.denoising_class_embed.{leaf}", "model.denoising_class_embed.{leaf}"),
+    ("decoder.query_pos_head.{rest}", "model.decoder.query_pos_head.{rest}"),
+    ("decoder.enc_output.{rest}", "model.enc_output.{rest}"),
+    ("decoder.enc_score_head.{leaf}", "model.enc_score_head.{leaf}"),
+    ("decoder.enc_bbox_head.{rest}", "model.enc_bbox_head.{rest}"),
+    ("decoder.dec_score_head.{rest}", "model.decoder.class_embed.{rest}"),
+    ("decoder.dec_bbox_head.{rest}", "model.decoder.bbox_embed.{rest}"),
+]
+
+# transformers 4.x checkpoint names -> 5.x names: the "rt_detr" renames of transformers' conversion_mapping.py.
+_CHECKPOINT_TO_HF5 = [
+    (re.compile(r"\.out_proj\."), ".o_proj."),
+    (re.compile(r"\.layers\.(\d+)\.fc([12])\."), r".layers.\1.mlp.fc\2."),
+    (re.compile(r"^model\.encoder\.encoder\.(\d+)\.layers\."), r"model.encoder.aifi.\1.layers."),
+    # transformers 4.x also exposed the decoder heads at the top level (tied to model.decoder.*).
+    (re.compile(r"^(class_embed|bbox_embed)\."), r"model.decoder.\1."),
+]
+_HF5_TO_CHECKPOINT = [
+    (re.compile(r"\.o_proj\."), ".out_proj."),
+    (re.compile(r"\.layers\.(\d+)\.mlp\.fc([12])\."), r".layers.\1.fc\2."),
+    (re.compile(r"^model\.encoder\.aifi\.(\d+)\.layers\."), r"model.encoder.encoder.\1.layers."),
+]
+_QKV = re.compile(r"(?P<attn>.+\.self_attn)\.(?P<part>[qkv])_proj\.(?P<leaf>weight|bias)")
+_IN_PROJ = re.compile(r"(?P<attn>.+\.self_attn)\.in_proj_(?P<leaf>weight|bias)")
+
+
+def _compile(template: str) -> re.Pattern[str]:
+    parts = re.split(r"\{(\w+)\}", template)
+    return re.compile(
+        "".join(
+            re.escape(p) if i % 2 == 0 else f"(?P<{p}>{_PLACEHOLDER_PATTERNS.get(p, r'[0-9]+')})"
+            for i, p in enumerate(parts)
+        )
+    )
+
+
+_TO_HF = [(_compile(official), hf) for official, hf in _RULES]
+_TO_OFFICIAL = [(_compile(hf), official) for official, hf in _RULES]
+
+
+def _rename(state_dict: dict[str, Tensor], rules: list[tuple[re.Pattern[str], str]], what: str) -> dict[str, Tensor]:
+    """Rename every key by the first rule whose pattern matches it whole; unknown keys raise."""
+    out: dict[str, Tensor] = {}
+    unknown = []
+    for key, value in state_dict.items():
+        match = next((m for pattern, _ in rules if (m := pattern.fullmatch(key))), None)
+        if match is None:
+            unknown.append(key)
+            continue
+        template = next(t for p, t in rules if p is match.re)
+        out[template.format(**match.groupdict())] = value
+    if unknown:
+        raise ValueError(f"{len(unknown)} tensors are not {what} tensors of RT-DETR v1: {_preview(unknown)}")
+    return out
+
+
+def _preview(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def _hf5_names(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """transformers 4.x checkpoint names -> 5.x names; a head stored under both of its tied names is kept once."""
+    out: dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        for pattern, replacement in _CHECKPOINT_TO_HF5:
+            key = pattern.sub(replacement, key)
+        if key in out and not torch.equal(out[key], value):
+            raise ValueError(f"two different tensors are stored for '{key}' (tied Hugging Face heads must be equal)")
+        out[key] = value
+    return out
+
+
+def _join_qkv(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """HF's q/k/v projections -> one `in_proj_weight` / `in_proj_bias` (rows q, k, v, as nn.MultiheadAttention)."""
+    out: dict[str, Any] = {}
+    parts: dict[str, dict[str, Tensor]] = {}
+    for key, value in state_dict.items():
+        match = _QKV.fullmatch(key)
+        if match is None:
+            out[key] = value
+            continue
+        joined = f"{match['attn']}.in_proj_{match['leaf']}"
+        out.setdefault(joined, None)  # keeps the joined tensor where its parts were
+        parts.setdefault(joined, {})[match["part"]] = value
+    for joined, found in parts.items():
+        if sorted(found) != ["k", "q", "v"]:
+            raise ValueError(f"'{joined}': Hugging Face q/k/v projections incomplete, found only {sorted(found)}")
+        out[joined] = torch.cat([found["q"], found["k"], found["v"]])
+    return out
+
+
+def _split_qkv(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """`in_proj_weight` / `in_proj_bias` -> HF's q/k/v projections (copies: safetensors refuses shared storage)."""
+    out = {}
+    for key, value in state_dict.items():
+        match = _IN_PROJ.fullmatch(key)
+        if match is None:
+            out[key] = value
+            continue
+        for part, chunk in zip("qkv", value.chunk(3)):
+            out[f"{match['attn']}.{part}_proj.{match['leaf']}"] = chunk.clone()
+    return out
+
+
+def hf_to_official(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A Hugging Face `RTDetrForObjectDetection` state dict (transformers 5.x names or 4.x checkpoint names)
+    -> official v1 names, q/k/v joined into `in_proj_*`.
+
+    HF's frozen backbone norms store no `num_batches_tracked`; `fit_to_model` adds what a model needs.
+    """
+    return _rename(_join_qkv(_hf5_names(state_dict)), _TO_OFFICIAL, "Hugging Face")
+
+
+def official_to_hf(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Official v1 names -> the transformers 5.x `RTDetrForObjectDetection` state dict names (in_proj split)."""
+    return _split_qkv(_rename(state_dict, _TO_HF, "official"))
+
+
+def fit_to_model(state_dict: dict[str, Tensor], config: ModelConfig, source: str = "state dict") -> dict[str, Tensor]:
+    """An official-named state dict made to load strictly into `RTDETRModel(config)`.
+
+    Adds a zero `num_batches_tracked` to BatchNorm layers that lack one (HF's frozen backbone norms keep none;
+    the count only matters for momentum=None), drops the counters our frozen norms do not keep, and adds a zero
+    denoising class embedding when `num_denoising` is 0 (HF then has none; it is never used). Anything else
+    missing, unexpected or mis-shaped raises ValueError naming `source`.
+    """
+    with torch.device("meta"):  # names and shapes only: no memory, no initialisation cost
+        expected = RTDETRModel(config).state_dict()
+    out = {k: v for k, v in state_dict.items() if k in expected or not k.endswith(".num_batches_tracked")}
+    for key in expected.keys() - out.keys():
+        if key.endswith(".num_batches_tracked"):
+            out[key] = torch.zeros((), dtype=torch.long)
+    embed = "decoder.denoising_class_embed.weight"
+    if config.num_denoising == 0 and embed not in out:
+        out[embed] = torch.zeros(expected[embed].shape)
+    missing = sorted(expected.keys() - out.keys())
+    unexpected = sorted(out.keys() - expected.keys())
+    mismatched = [
+        f"{k} {tuple(out[k].shape)} (model: {tuple(v.shape)})"
+        for k, v in expected.items()
+        if k in out and out[k].shape != v.shape
+    ]
+    problems = [
+        f"{label}: {_preview(names)}"
+        for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched))
+        if names
+    ]
+    if problems:
+        raise ValueError(f"{source} does not fit the model its config describes; " + "; ".join(problems))
+    return out
+
+
+# RTDetrConfig / RTDetrResNetConfig defaults (transformers 4.x and 5.x agree) for fields a config.json may omit.
+_HF_DEFAULTS: dict[str, Any] = {
+    "model_type": "rt_detr",
+    "backbone": None,
+    "use_timm_backbone": False,
+    "backbone_config": None,
+    "encoder_hidden_dim": 256,
+    "encoder_in_channels": [512, 1024, 2048],
+    "feat_strides": [8, 16, 32],
+    "encoder_layers": 1,
+    "encoder_ffn_dim": 1024,
+    "encoder_attention_heads": 8,
+    "encode_proj_layers": [2],
+    "positional_encoding_temperature": 10000,
+    "encoder_activation_function": "gelu",
+    "activation_function": "silu",
+    "eval_size": None,
+    "normalize_before": False,
+    "hidden_expansion": 1.0,
+    "d_model": 256,
+    "num_queries": 300,
+    "decoder_in_channels": [256, 256, 256],
+    "decoder_ffn_dim": 1024,
+    "num_feature_levels": 3,
+    "decoder_n_points": 4,
+    "decoder_layers": 6,
+    "decoder_attention_heads": 8,
+    "decoder_activation_function": "relu",
+    "num_denoising": 100,
+    "label_noise_ratio": 0.5,
+    "box_noise_scale": 1.0,
+    "learn_initial_query": False,
+    "anchor_image_size": None,
+    "with_box_refine": True,
+    "layer_norm_eps": 1e-5,
+    "batch_norm_eps": 1e-5,
+    "num_labels": 2,
+}
+_RESNET_DEFAULTS: dict[str, Any] = {
+    "model_type": "rt_detr_resnet",
+    "num_channels": 3,
+    "embedding_size": 64,
+    "hidden_sizes": [256, 512, 1024, 2048],
+    "depths": [3, 4, 6, 3],
+    "layer_type": "bottleneck",
+    "hidden_act": "relu",
+    "downsample_in_first_stage": False,
+    "downsample_in_bottleneck": False,
+    "out_indices": [2, 3, 4],
+    "out_features": ["stage2", "stage3", "stage4"],
+}
+# Fields that must keep these values for the HF model to be the official architecture.
+_REQUIRED = (
+    "model_type", "backbone", "use_timm_backbone", "feat_strides", "encode_proj_layers", "encoder_activation_function",
+    "activation_function", "normalize_before", "num_feature_levels", "decoder_activation_function",
+    "learn_initial_query", "with_box_refine", "layer_norm_eps", "batch_norm_eps",
+)  # fmt: skip
+_RESNET_REQUIRED = (
+    "model_type", "num_channels", "hidden_act", "downsample_in_first_stage", "downsample_in_bottleneck", "out_indices",
+    "out_features",
+)  # fmt: skip
+
+
+def _field(config: dict[str, Any], defaults: dict[str, Any], name: str) -> Any:
+    value = config.get(name, defaults[name])
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _require(config: dict[str, Any], defaults: dict[str, Any], names: tuple[str, ...], where: str) -> None:
+    for name in names:
+        value = _field(config, defaults, name)
+        if value != defaults[name]:
+            raise ValueError(f"{where}: {name}={value!r} is not supported (RT-DETR v1 needs {defaults[name]!r})")
+
+
+def _check_shortcuts(stem: int, widths: list[int], bottleneck: bool, where: str) -> None:
+    """HF builds the official projection shortcuts (plain 1x1 in the first stage, AvgPool + 1x1 after) only
+    when the channel count changes between stages as in every ResNet-vd; anything else differs."""
+    first_changes = stem != widths[0] if bottleneck else stem == widths[0]
+    if not first_changes or any(a == b for a, b in zip(widths, widths[1:])):
+        raise ValueError(
+            f"{where}: embedding_size={stem}, hidden_sizes={widths} give Hugging Face shortcut layers that differ "
+            "from the official ResNet-vd projections"
+        )
+
+
+def _backbone_fields(config: dict[str, Any], where: str) -> dict[str, Any]:
+    """ModelConfig backbone fields from HF's `backbone_config` (None: HF's default ResNet-50-vd)."""
+    backbone = config.get("backbone_config") or {}
+    where = f"{where} backbone_config"
+    _require(backbone, _RESNET_DEFAULTS, _RESNET_REQUIRED, where)
+    depths = tuple(_field(backbone, _RESNET_DEFAULTS, "depths"))
+    layer_type = _field(backbone, _RESNET_DEFAULTS, "layer_type")
+    widths = _field(backbone, _RESNET_DEFAULTS, "hidden_sizes")
+    stem = _field(backbone, _RESNET_DEFAULTS, "embedding_size")
+    if layer_type not in ("basic", "bottleneck") or len(depths) != 4 or len(widths) != 4:
+        raise ValueError(f"{where}: needs layer_type basic|bottleneck and 4 stages, got {layer_type}, {list(depths)}")
+    bottleneck = layer_type == "bottleneck"
+    _check_shortcuts(stem, widths, bottleneck, where)
+    if bottleneck:
+        depth = 101 if depths == BLOCKS_PER_DEPTH[101] else 50
+    else:
+        depth = 34 if depths == BLOCKS_PER_DEPTH[34] else 18
+    expansion = 4 if bottleneck else 1
+    if any(w % expansion for w in widths):
+        raise ValueError(f"{where}: bottleneck hidden_sizes must be multiples of 4, got {widths}")
+    large = depth >= 50  # the official r50/r101 freeze the stem and every backbone norm; r18/r34 train them
+    return dict(
+        depth=depth,
+        freeze_at=0 if large else -1,
+        freeze_norm=large,
+        stem_channels=stem,
+        stage_channels=tuple(w // expansion for w in widths),
+        stage_blocks=None if depths == BLOCKS_PER_DEPTH[depth] else depths,
+    )
+
+
+def _image_size(config: dict[str, Any]) -> tuple[int, int]:
+    """The fixed size HF was told about (anchor_image_size, else eval_size), else the official 640 x 640."""
+    size = config.get("anchor_image_size") or config.get("eval_size") or (640, 640)
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def _num_labels(config: dict[str, Any]) -> int:
+    id2label = config.get("id2label")
+    return len(id2label) if id2label else int(config.get("num_labels", _HF_DEFAULTS["num_labels"]))
+
+
+def model_config_from_hf(config: dict[str, Any], source: str = "config.json") -> ModelConfig:
+    """The ModelConfig of a parsed HF RT-DETR `config.json`; unsupported settings raise ValueError naming
+    `source` and the field.
+
+    HF has no eval_idx (eval_idx -1). Freezing follows the official presets by depth (r50/r101: stem and
+    norms frozen), not HF's `freeze_backbone_batch_norms`. `eval_size`, which in HF drops the position
+    embedding at eval, only sets `image_size`: the weights were trained with it.
+    """
+    _require(config, _HF_DEFAULTS, _REQUIRED, source)
+    field = lambda name: _field(config, _HF_DEFAULTS, name)  # noqa: E731
+    hidden = field("encoder_hidden_dim")
+    if field("decoder_in_channels") != [hidden] * 3 or len(field("encoder_in_channels")) != 3:
+        raise ValueError(
+            f"{source}: decoder_in_channels={field('decoder_in_channels')} must be [encoder_hidden_dim]*3 and "
+            f"encoder_in_channels={field('encoder_in_channels')} must have 3 levels"
+        )
+    points = field("decoder_n_points")
+    if not isinstance(points, int):
+        raise ValueError(f"{source}: decoder_n_points={points!r} must be one int (RT-DETR v1)")
+    return ModelConfig(
+        **_backbone_fields(config, source),
+        encoder_hidden_dim=hidden,
+        encoder_ffn_dim=field("encoder_ffn_dim"),
+        encoder_heads=field("encoder_attention_heads"),
+        num_encoder_layers=field("encoder_layers"),
+        expansion=float(field("hidden_expansion")),
+        depth_mult=1.0,  # HF always builds 3 RepVGG blocks per CSP layer
+        pe_temperature=float(field("positional_encoding_temperature")),
+        hidden_dim=field("d_model"),
+        decoder_ffn_dim=field("decoder_ffn_dim"),
+        decoder_heads=field("decoder_attention_heads"),
+        num_decoder_layers=field("decoder_layers"),
+        eval_idx=-1,
+        num_points=(points,) * 3,
+        num_queries=field("num_queries"),
+        num_classes=_num_labels(config),
+        num_denoising=field("num_denoising"),
+        label_noise_ratio=float(field("label_noise_ratio")),
+        box_noise_scale=float(field("box_noise_scale")),
+        image_size=_image_size(config),
+    )
+
+
+def _check_exportable(config: ModelConfig) -> None:
+    """Raise for the settings HF's RTDetr cannot express."""
+    problems = []
+    if len(set(config.num_points)) != 1:
+        problems.append(f"num_points={config.num_points} (HF has one decoder_n_points for all levels)")
+    if round(3 * config.depth_mult) != 3:
+        problems.append(f"depth_mult={config.depth_mult} (HF always builds 3 RepVGG blocks per CSP layer)")
+    if config.resolved_eval_idx != config.num_decoder_layers - 1:
+        problems.append(
+            f"eval_idx={config.eval_idx} (HF always outputs the last decoder layer; keep only the layers "
+            f"used: num_decoder_layers={config.resolved_eval_idx + 1}, eval_idx=-1)"
+        )
+    if not float(config.pe_temperature).is_integer():
+        problems.append(f"pe_temperature={config.pe_temperature} (HF stores an int)")
+    widths = [c * (4 if config.depth >= 50 else 1) for c in config.stage_channels]
+    try:
+        _check_shortcuts(config.stem_channels, widths, config.depth >= 50, "ModelConfig")
+    except ValueError as error:
+        problems.append(str(error))
+    if problems:
+        raise ValueError("this model has no Hugging Face RTDetr equivalent: " + "; ".join(problems))
+
+
+def hf_config_from_model_config(config: ModelConfig, id2label: dict[int, str] | None = None) -> dict[str, Any]:
+    """A `config.json` dict from which `RTDetrForObjectDetection` builds the model `config` describes.
+
+    `eval_size` and `anchor_image_size` stay None (HF then computes the position embedding and anchors
+    per input, as we do); backbone norms are frozen exactly when ours are. Labels default to HF's LABEL_i.
+    """
+    _check_exportable(config)
+    bottleneck = config.depth >= 50
+    id2label = id2label or {i: f"LABEL_{i}" for i in range(config.num_classes)}
+    if sorted(id2label) != list(range(config.num_classes)):
+        raise ValueError(f"id2label needs the keys 0..{config.num_classes - 1}, got {sorted(id2label)}")
+    backbone = {
+        **_RESNET_DEFAULTS,
+        "embedding_size": config.stem_channels,
+        "hidden_sizes": [c * (4 if bottleneck else 1) for c in config.stage_channels],
+        "depths": list(config.stage_blocks or BLOCKS_PER_DEPTH[config.depth]),
+        "layer_type": "bottleneck" if bottleneck else "basic",
+    }
+    return {
+        **{k: v for k, v in _HF_DEFAULTS.items() if k not in ("backbone", "use_timm_backbone", "num_labels")},
+        "architectures": ["RTDetrForObjectDetection"],
+        "backbone_config": backbone,
+        "freeze_backbone_batch_norms": config.freeze_norm,
+        "encoder_hidden_dim": config.encoder_hidden_dim,
+        "encoder_in_channels": list(config.backbone_out_channels),
+        "encoder_layers": config.num_encoder_layers,
+        "encoder_ffn_dim": config.encoder_ffn_dim,
+        "encoder_attention_heads": config.encoder_heads,
+        "positional_encoding_temperature": int(config.pe_temperature),
+        "hidden_expansion": float(config.expansion),
+        "d_model": config.hidden_dim,
+        "num_queries": config.num_queries,
+        "decoder_in_channels": [config.encoder_hidden_dim] * 3,
+        "decoder_ffn_dim": config.decoder_ffn_dim,
+        "decoder_n_points": config.num_points[0],
+        "decoder_layers": config.num_decoder_layers,
+        "decoder_attention_heads": config.decoder_heads,
+        "num_denoising": config.num_denoising,
+        "label_noise_ratio": float(config.label_noise_ratio),
+        "box_noise_scale": float(config.box_noise_scale),
+        "id2label": {str(i): name for i, name in sorted(id2label.items())},
+        "label2id": {name: i for i, name in sorted(id2label.items())},
+    }
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: a Hugging Face RT-DETR folder needs config.json")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _load_weights_file(path: Path) -> dict[str, Tensor]:
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(path, device="cpu")
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # safetensors and torch raise assorted types for corrupt or truncated files
+        raise ValueError(f"cannot read weights {path}: {type(error).__name__}: {error}") from error
+    if not isinstance(state_dict, dict):
+        raise ValueError(f"{path} holds a {type(state_dict).__name__}, not a state dict")
+    return state_dict
+
+
+def _read_hf_weights(folder: Path) -> tuple[dict[str, Tensor], Path]:
+    """The HF state dict of `folder` (single-file or sharded safetensors, else pytorch_model.bin) and its file."""
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / name).is_file():
+            return _load_weights_file(folder / name), folder / name
+    for name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = folder / name
+        if index.is_file():
+            shards = sorted(set(_read_json(index).get("weight_map", {}).values()))
+            if not shards:
+                raise ValueError(f"{index} has no weight_map")
+            state_dict = {}
+            for shard in shards:
+                state_dict.update(_load_weights_file(folder / shard))
+            return state_dict, index
+    raise FileNotFoundError(f"no weights in {folder}: expected model.safetensors or pytorch_model.bin")
+
+
+def _class_names(config: dict[str, Any], source: str) -> list[str] | None:
+    """Class names from id2label, or None when they are HF's placeholders LABEL_i."""
+    id2label = config.get("id2label")
+    if not id2label:
+        return None
+    try:
+        labels = {int(k): str(v) for k, v in id2label.items()}
+    except (TypeError, ValueError, AttributeError):
+        raise ValueError(f"{source}: id2label must map integer ids to names, got {id2label!r}") from None
+    if sorted(labels) != list(range(len(labels))):
+        raise ValueError(f"{source}: id2label ids must be 0..{len(labels) - 1}, got {sorted(labels)}")
+    names = [labels[i] for i in range(len(labels))]
+    return None if names == [f"LABEL_{i}" for i in range(len(names))] else names
+
+
+def read_hf_folder(folder: str | Path) -> tuple[ModelConfig, dict[str, Tensor], list[str] | None]:
+    """(config, official-named state dict that loads strictly into RTDETRModel(config), class names or None)
+    of a Hugging Face RT-DETR folder (`config.json` + `model.safetensors` or `pytorch_model.bin`)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise NotADirectoryError(f"{folder} is not a Hugging Face model folder")
+    config_path = folder / "config.json"
+    hf_config = _read_json(config_path)
+    config = model_config_from_hf(hf_config, source=str(config_path))
+    hf_state_dict, weights_path = _read_hf_weights(folder)
+    try:
+        state_dict = hf_to_official(hf_state_dict)
+    except ValueError as error:
+        raise ValueError(f"{weights_path}: {error}") from None
+    state_dict = fit_to_model(state_dict, config, source=f"{weights_path} (with {config_path})")
+    return config, state_dict, _class_names(hf_config, str(config_path))
+
+
+def _checkpoint_names(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """transformers 5.x names -> the names transformers writes to disk (its 4.x names), read by 4.x and 5.x."""
+    out = {}
+    for key, value in state_dict.items():
+        for pattern, replacement in _HF5_TO_CHECKPOINT:
+            key = pattern.sub(replacement, key)
+        out[key] = value
+    return out
+
+
+def save_hf_folder(
+    model: RTDETRModel, config: ModelConfig, folder: str | Path, class_names: list[str] | None = None
+) -> None:
+    """Write `config.json` + `model.safetensors` that `RTDetrForObjectDetection.from_pretrained(folder)` loads
+    with no missing or unexpected tensors. The model must not be `deploy()`-ed (HF has no fused RepVGG)."""
+    if class_names is not None and len(class_names) != config.num_classes:
+        raise ValueError(f"{len(class_names)} class names for a model with num_classes={config.num_classes}")
+    hf_config = hf_config_from_model_config(config, dict(enumerate(class_names)) if class_names else None)
+    state_dict = official_to_hf({k: v.detach().cpu() for k, v in model.state_dict().items()})
+    if config.num_denoising == 0:  # HF builds no denoising class embedding then
+        del state_dict["model.denoising_class_embed.weight"]
+    state_dict = {k: v.contiguous() for k, v in _checkpoint_names(state_dict).items()}
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+    save_file(state_dict, folder / "model.safetensors", metadata={"format": "pt"})

@@ -1,0 +1,140 @@
+"""Multi-scale deformable attention against a naive per-point bilinear loop (facts 3.4)."""
+
+import math
+
+import pytest
+import torch
+
+import rtdetr.models.deform_attn as deform_attn
+from rtdetr.models.deform_attn import MSDeformableAttention, deformable_attention_core
+
+
+def bilinear_zero_padded(img: torch.Tensor, x: float, y: float) -> torch.Tensor:
+    """img [C, H, W]; (x, y) normalised in [0, 1] -> [C]. align_corners=False: pixel = loc * size - 0.5;
+    neighbours outside the map contribute zero."""
+    c, h, w = img.shape
+    px, py = x * w - 0.5, y * h - 0.5
+    x0, y0 = math.floor(px), math.floor(py)
+    out = torch.zeros(c, dtype=img.dtype)
+    for yy in (y0, y0 + 1):
+        for xx in (x0, x0 + 1):
+            weight = (1 - abs(px - xx)) * (1 - abs(py - yy))
+            if 0 <= xx < w and 0 <= yy < h:
+                out += weight * img[:, yy, xx]
+    return out
+
+
+def naive_core(value, spatial_shapes, locations, weights, num_points):
+    """value [B, S, heads, D]; locations [B, Lq, heads, sum(P), 2]; weights [B, Lq, heads, sum(P)]."""
+    b, _, heads, d = value.shape
+    lq = locations.shape[1]
+    starts = [0]
+    for h, w in spatial_shapes:
+        starts.append(starts[-1] + h * w)
+    out = torch.zeros(b, lq, heads, d, dtype=value.dtype)
+    for bi in range(b):
+        for hi in range(heads):
+            for qi in range(lq):
+                p_index = 0
+                for level, (h, w) in enumerate(spatial_shapes):
+                    img = value[bi, starts[level] : starts[level + 1], hi].T.reshape(d, h, w)
+                    for _ in range(num_points[level]):
+                        x, y = locations[bi, qi, hi, p_index].tolist()
+                        out[bi, qi, hi] += weights[bi, qi, hi, p_index] * bilinear_zero_padded(img, x, y)
+                        p_index += 1
+    return out.reshape(b, lq, heads * d)
+
+
+SHAPES = [(3, 5), (2, 4), (1, 3)]  # non-square levels, (H, W)
+POINTS = [1, 2, 3]
+
+
+def test_core_matches_naive_bilinear_loop():
+    g = torch.Generator().manual_seed(0)
+    b, heads, d, lq = 2, 2, 3, 3
+    s = sum(h * w for h, w in SHAPES)
+    value = torch.randn(b, s, heads, d, generator=g, dtype=torch.float64)
+    # Locations partly outside [0, 1] to exercise the zero padding.
+    locations = torch.rand(b, lq, heads, sum(POINTS), 2, generator=g, dtype=torch.float64) * 1.4 - 0.2
+    weights = torch.rand(b, lq, heads, sum(POINTS), generator=g, dtype=torch.float64)
+    got = deformable_attention_core(value, SHAPES, locations, weights, POINTS)
+    ref = naive_core(value, SHAPES, locations, weights, POINTS)
+    assert got.shape == (b, lq, heads * d)
+    assert (got - ref).abs().max().item() < 1e-5
+
+
+def test_core_float32_matches_naive_and_exact_pixel_centres():
+    g = torch.Generator().manual_seed(1)
+    value = torch.randn(1, 3 * 5, 1, 2, generator=g)
+    # pixel centre of (row 1, col 3) of a 3x5 map: x = (3 + .5) / 5, y = (1 + .5) / 3 -> exactly that pixel
+    loc = torch.tensor([(3.5 / 5, 1.5 / 3)]).reshape(1, 1, 1, 1, 2)
+    got = deformable_attention_core(value, [(3, 5)], loc, torch.ones(1, 1, 1, 1), [1])
+    torch.testing.assert_close(got[0, 0], value[0, 1 * 5 + 3, 0], atol=1e-6, rtol=0)
+    # outside by one full pixel -> zero
+    far = torch.tensor([(-1.0 / 5, 0.5)]).reshape(1, 1, 1, 1, 2)
+    assert deformable_attention_core(value, [(3, 5)], far, torch.ones(1, 1, 1, 1), [1]).abs().max() == 0
+
+
+def test_init_bias_layout_ring_of_eight_directions():
+    module = MSDeformableAttention(embed_dim=32, num_heads=8, num_points=(4, 4, 4))
+    directions = torch.tensor(
+        [[1, 0], [1, 1], [0, 1], [-1, 1], [-1, 0], [-1, -1], [0, -1], [1, -1]], dtype=torch.float32
+    )
+    # (head, level, point, xy) order, point p at distance p + 1
+    expected = directions[:, None, None, :] * torch.arange(1, 5, dtype=torch.float32)[None, None, :, None]
+    expected = expected.expand(8, 3, 4, 2).flatten()
+    torch.testing.assert_close(module.sampling_offsets.bias.detach(), expected, atol=1e-6, rtol=1e-6)
+    assert module.sampling_offsets.bias.shape == (8 * 3 * 4 * 2,)
+    assert (module.sampling_offsets.weight == 0).all()
+    assert (module.attention_weights.weight == 0).all() and (module.attention_weights.bias == 0).all()
+    assert (module.value_proj.bias == 0).all() and (module.output_proj.bias == 0).all()
+
+
+def test_init_bias_layout_with_points_per_level():
+    module = MSDeformableAttention(embed_dim=16, num_heads=8, num_points=(1, 2, 3))
+    bias = module.sampling_offsets.bias.detach().reshape(8, 6, 2)
+    scales = torch.tensor([1, 1, 2, 1, 2, 3], dtype=torch.float32)  # point index restarts per level
+    ring = bias / scales[None, :, None]
+    torch.testing.assert_close(ring, ring[:, :1].expand(8, 6, 2))
+    torch.testing.assert_close(bias[1, 5], torch.tensor([3.0, 3.0]), atol=1e-6, rtol=0)  # head 1 = 45 deg
+    torch.testing.assert_close(bias[6, 2], torch.tensor([0.0, -2.0]), atol=1e-6, rtol=0)  # head 6 = 270 deg
+
+
+def test_sampling_locations_and_full_forward(monkeypatch):
+    torch.manual_seed(0)
+    module = MSDeformableAttention(embed_dim=8, num_heads=2, num_points=tuple(POINTS))
+    with torch.no_grad():  # random, non-trivial offsets and attention logits
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    b, lq = 2, 3
+    query = torch.randn(b, lq, 8)
+    ref = torch.cat([torch.rand(b, lq, 2), torch.rand(b, lq, 2) * 0.5 + 0.1], -1)
+    memory = torch.randn(b, sum(h * w for h, w in SHAPES), 8)
+
+    captured = {}
+    real_core = deform_attn.deformable_attention_core
+
+    def spy(value, shapes, locations, weights, num_points):
+        captured.update(value=value, locations=locations, weights=weights)
+        return real_core(value, shapes, locations, weights, num_points)
+
+    monkeypatch.setattr(deform_attn, "deformable_attention_core", spy)
+    with torch.no_grad():
+        out = module(query, ref, memory, SHAPES)
+
+        off = module.sampling_offsets(query).reshape(b, lq, 2, 6, 2)
+        points = torch.tensor([1, 2, 2, 3, 3, 3], dtype=torch.float32)  # P_l of each point
+        # loc = ref_xy + off / P_l * ref_wh * 0.5
+        expected_loc = ref[:, :, None, None, :2] + off / points[None, None, None, :, None] * ref[:, :, None, None, 2:] * 0.5
+        expected_w = module.attention_weights(query).reshape(b, lq, 2, 6).softmax(-1)  # joint over levels*points
+        torch.testing.assert_close(captured["locations"], expected_loc)
+        torch.testing.assert_close(captured["weights"], expected_w)
+
+        value = module.value_proj(memory).reshape(b, -1, 2, 4)
+        ref_out = module.output_proj(naive_core(value, SHAPES, expected_loc, expected_w, POINTS))
+    assert (out - ref_out).abs().max().item() < 1e-5
+
+
+def test_rejects_bad_head_count():
+    with pytest.raises(ValueError):
+        MSDeformableAttention(embed_dim=10, num_heads=4)
