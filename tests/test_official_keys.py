@@ -29,19 +29,30 @@ def official_keys(name: str) -> list[tuple[str, tuple[int, ...]]]:
     return [(k, tuple(s)) for k, s in json.loads((REFERENCE / f"official_keys_{name}.json").read_text())]
 
 
-def distinct_state_dict(keys: list[tuple[str, tuple[int, ...]]]) -> dict[str, torch.Tensor]:
-    """Tensors of exactly these shapes whose values differ from key to key (tensor i holds values in
-    [i, i + 1)), so a tensor loaded under the wrong name shows."""
+def distinct_state_dict(
+    keys: list[tuple[str, tuple[int, ...]]], storage: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """Tensors of exactly these shapes whose values differ from key to key (tensor i holds random values in
+    [i, i + 1)), so a tensor loaded under the wrong name shows. Float tensors are views into `storage` when
+    given (reusing memory keeps the 76M-value models fast)."""
     g = torch.Generator().manual_seed(0)
-    sd = {}
+    sd, offset = {}, 0
     for i, (key, shape) in enumerate(keys):
         if key.endswith("num_batches_tracked"):
             sd[key] = torch.tensor(i, dtype=torch.int64).reshape(shape)
         elif key.endswith("valid_mask"):
             sd[key] = torch.rand(shape, generator=g) > 0.5
         else:
-            sd[key] = torch.empty(shape).uniform_(i, i + 1, generator=g)
+            n = torch.Size(shape).numel()
+            t = storage[offset : offset + n].view(shape) if storage is not None else torch.empty(shape)
+            offset += n
+            sd[key] = t.uniform_(i, i + 1, generator=g)
     return sd
+
+
+@pytest.fixture(scope="module")
+def storage():
+    return torch.empty(max(PARAM_COUNTS.values())[0] + 10**6)
 
 
 @pytest.fixture(scope="module", params=list(PARAM_COUNTS))
@@ -74,9 +85,9 @@ def test_parameter_counts_equal_official(variant):
     assert (total, trainable) == PARAM_COUNTS[name]
 
 
-def test_official_state_dict_loads_strictly(variant):
+def test_official_state_dict_loads_strictly(variant, storage):
     name, model = variant
-    sd = distinct_state_dict(official_keys(name))
+    sd = distinct_state_dict(official_keys(name), storage)
     model.load_state_dict(sd, strict=True)
     loaded = model.state_dict()
     for key, value in sd.items():
@@ -95,10 +106,10 @@ def test_normalized_v2_state_dict_loads_into_r18vd():
     v1 = official_keys("r18vd")
     assert {k: tuple(v.shape) for k, v in sd.items()} == dict(v1)
     # renamed tensors keep their values
-    assert sd["encoder.input_proj.1.0.weight"] is v2["encoder.input_proj.1.conv.weight"]
-    assert sd["encoder.input_proj.2.1.running_var"] is v2["encoder.input_proj.2.norm.running_var"]
-    assert sd["decoder.enc_output.0.weight"] is v2["decoder.enc_output.proj.weight"]
-    assert sd["decoder.enc_output.1.bias"] is v2["decoder.enc_output.norm.bias"]
+    assert torch.equal(sd["encoder.input_proj.1.0.weight"], v2["encoder.input_proj.1.conv.weight"])
+    assert torch.equal(sd["encoder.input_proj.2.1.running_var"], v2["encoder.input_proj.2.norm.running_var"])
+    assert torch.equal(sd["decoder.enc_output.0.weight"], v2["decoder.enc_output.proj.weight"])
+    assert torch.equal(sd["decoder.enc_output.1.bias"], v2["decoder.enc_output.norm.bias"])
     model = RTDETRModel(preset("rtdetr_r18vd"))
     model.load_state_dict(sd, strict=True)
     assert torch.equal(model.state_dict()["decoder.enc_output.1.weight"], v2["decoder.enc_output.norm.weight"])
@@ -112,4 +123,4 @@ def test_normalize_is_identity_on_v1_names_and_strips_ddp_prefix():
     sd = distinct_state_dict(official_keys("r18vd"))
     assert list(normalize(sd)) == list(sd)
     prefixed = normalize({f"module.{k}": v for k, v in sd.items()})
-    assert list(prefixed) == list(sd) and all(prefixed[k] is sd[k] for k in sd)
+    assert list(prefixed) == list(sd) and all(torch.equal(prefixed[k], sd[k]) for k in sd)

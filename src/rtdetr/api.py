@@ -20,6 +20,7 @@ from torch import Tensor
 
 from .config import ModelConfig, config_dict, preset
 from .engine.checkpoint import atomic_save, model_checkpoint, read_checkpoint
+from .loss.criterion import RTDETRCriterion
 from .models.rtdetr import RTDETRModel
 from .postprocess import Detections, postprocess
 
@@ -36,6 +37,7 @@ class RTDETR(RTDETRModel):
     ) -> None:
         super().__init__(config)
         self.config = config
+        self.criterion = RTDETRCriterion(config.num_classes)  # no parameters: not in the state dict
         self.class_names = list(class_names or [f"class_{i}" for i in range(config.num_classes)])
         self.category_ids = list(category_ids if category_ids is not None else range(config.num_classes))
         if not len(self.class_names) == len(self.category_ids) == config.num_classes:
@@ -98,6 +100,16 @@ class RTDETR(RTDETRModel):
             )  # fmt: skip
         self.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False)
         return missing
+
+    def compute_loss(self, images: Tensor, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """Training loss (call in train mode): every weighted term by name and their sum under "loss".
+
+        targets: per image, `labels` int64 [n] in 0..C-1 and `boxes` [n, 4] normalised cx,cy,w,h.
+        The loss is computed in fp32 even under autocast.
+        """
+        if not self.training:
+            raise RuntimeError("compute_loss needs train mode (model.train()): eval outputs carry no aux/denoising terms")
+        return self.criterion(self(images, targets), targets)
 
     def describe(self) -> str:
         c = self.config
