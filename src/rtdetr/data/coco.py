@@ -1,0 +1,275 @@
+"""COCO-format detection data: `CocoDetection`, `find_split` to locate a split in a dataset folder, and
+`BatchCollator` with the official multi-scale training.
+
+    ann_file, image_dir = find_split("datasets/my_data", "train")
+    dataset = CocoDetection(ann_file, image_dir, train_transforms((640, 640), stop_epoch=71))
+    loader = DataLoader(dataset, batch_size=16, shuffle=True, drop_last=True,
+                        collate_fn=BatchCollator(MULTISCALE_SIZES, stop_epoch=71))
+    for epoch in range(72):
+        dataset.set_epoch(epoch); loader.collate_fn.set_epoch(epoch)   # before iterating the loader
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+from .images import load_image
+from .transforms import eval_transforms
+
+logger = logging.getLogger(__name__)
+
+# Official v2 `BatchImageCollateFunction` (and v1 `RTDETR.multi_scale`): 640 three times, so it is drawn most.
+MULTISCALE_SIZES = (480, 512, 544, 576, 608, 640, 640, 640, 672, 704, 736, 768, 800)
+_MAX_LISTED_IDS = 20
+
+
+def read_coco_json(path: str | Path) -> dict[str, Any]:
+    """The parsed annotation file; malformed JSON raises ValueError naming the file, line and column."""
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as file:
+            data = json.load(file)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"annotation file not found: {path}") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"malformed JSON in {path}: {error.msg} at line {error.lineno} column {error.colno}") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 JSON: {error}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(
+        data.get("categories"), list
+    ):
+        raise ValueError(f"{path} is not a COCO detection file: it needs 'images' and 'categories' lists")
+    return data
+
+
+def listed(ids: Sequence[Any]) -> str:
+    """The first ids of a long list, with how many more."""
+    more = f" and {len(ids) - _MAX_LISTED_IDS} more" if len(ids) > _MAX_LISTED_IDS else ""
+    return ", ".join(map(str, ids[:_MAX_LISTED_IDS])) + more
+
+
+def annotation_xywh(annotation: dict[str, Any], ann_file: Path) -> tuple[float, float, float, float]:
+    """The annotation's `bbox` [x, y, w, h]; ValueError naming the annotation if it is not 4 finite numbers."""
+    bbox = annotation.get("bbox")
+    valid = isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)
+    if not valid or not all(math.isfinite(v) for v in bbox):
+        raise ValueError(f"{ann_file}: annotation {annotation.get('id')} has bbox {bbox!r}, not [x, y, w, h] numbers")
+    return tuple(float(v) for v in bbox)
+
+
+class CocoDetection(torch.utils.data.Dataset):
+    """A COCO-format detection dataset with labels remapped to 0..C-1 by the file's own categories.
+
+    As the official loader: crowd boxes (iscrowd=1) are dropped; images without boxes are kept as negatives;
+    boxes xywh -> xyxy clamped to the image; degenerate boxes (no area after clamping) dropped with one
+    warning at construction naming their annotation ids. Images are read with their EXIF orientation
+    applied, so boxes must refer to the displayed (EXIF-rotated) image; grayscale, palette, RGBA (composited
+    on black) and 16-bit images become RGB.
+
+    Errors: malformed JSON raises ValueError naming the file, line and column; an annotation whose
+    category_id is not in the file's `categories` raises ValueError naming the annotation and category ids
+    (an unknown class is an error, not something to guess); annotations of unknown image ids are ignored
+    with a warning. An unreadable image raises ValueError (FileNotFoundError if missing) naming the file
+    from `__getitem__`; with `skip_bad_images=True` it is instead logged once per process (each DataLoader
+    worker) and the next readable image is returned, so a long run survives a few corrupt files (run
+    `check_dataset` first to list them all).
+
+    Item: (image, target) after `transforms` (default: no resize, to float) — image float [3, H, W] RGB in
+    [0, 1]; target `labels` int64 [n] (0..C-1), `boxes` float [n, 4] normalised cx,cy,w,h, `image_id`
+    int64 scalar (the file's id), `orig_size` int64 [2] = (width, height) of the image as read.
+    """
+
+    def __init__(
+        self,
+        ann_file: str | Path,
+        image_dir: str | Path,
+        transforms: Callable | None = None,
+        skip_bad_images: bool = False,
+    ) -> None:
+        self.ann_file, self.image_dir = Path(ann_file), Path(image_dir)
+        self.transforms = transforms if transforms is not None else eval_transforms(None)
+        self.skip_bad_images = skip_bad_images
+        data = read_coco_json(self.ann_file)
+        categories = sorted(data["categories"], key=lambda c: c["id"])
+        self.class_names: list[str] = [str(c["name"]) for c in categories]
+        self.category_ids: list[int] = [int(c["id"]) for c in categories]
+        self.image_ids, self.file_names, sizes = self._read_images(data["images"])
+        self._boxes, self._labels = self._read_annotations(data.get("annotations") or [], sizes)
+        self._bad_images: set[int] = set()
+
+    def _read_images(self, images: list[dict]) -> tuple[list[int], list[str], dict[int, tuple[float, float]]]:
+        """Image ids and file names in file order, and the (width, height) the file states, where it does."""
+        ids, names, sizes = [], [], {}
+        for index, image in enumerate(images):
+            if not isinstance(image, dict) or "id" not in image or "file_name" not in image:
+                raise ValueError(f"{self.ann_file}: images[{index}] needs an 'id' and a 'file_name'")
+            ids.append(int(image["id"]))
+            names.append(str(image["file_name"]))
+            if isinstance(image.get("width"), (int, float)) and isinstance(image.get("height"), (int, float)):
+                sizes[ids[-1]] = (float(image["width"]), float(image["height"]))
+        duplicates = sorted(i for i, count in Counter(ids).items() if count > 1)
+        if duplicates:
+            raise ValueError(f"{self.ann_file}: duplicate image ids {listed(duplicates)}")
+        return ids, names, sizes
+
+    def _read_annotations(
+        self, annotations: list[dict], sizes: dict[int, tuple[float, float]]
+    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Per image (file order): boxes float32 [n, 4] pixel xyxy, clamped to the stated image size, and
+        labels int64 [n]."""
+        label_of = {c: i for i, c in enumerate(self.category_ids)}
+        position = {image_id: k for k, image_id in enumerate(self.image_ids)}
+        boxes: list[list] = [[] for _ in self.image_ids]
+        labels: list[list] = [[] for _ in self.image_ids]
+        degenerate, orphans = [], []
+        for annotation in annotations:
+            category = annotation.get("category_id")
+            if category not in label_of:
+                raise ValueError(
+                    f"{self.ann_file}: annotation {annotation.get('id')} has category_id {category}, which is not "
+                    f"in the file's categories {self.category_ids}; fix the annotation or add the category"
+                )
+            if annotation.get("image_id") not in position:
+                orphans.append(annotation.get("id"))
+                continue
+            if annotation.get("iscrowd", 0):
+                continue
+            x, y, w, h = annotation_xywh(annotation, self.ann_file)
+            width, height = sizes.get(annotation["image_id"], (math.inf, math.inf))
+            x0, y0, x1, y1 = max(x, 0.0), max(y, 0.0), min(x + w, width), min(y + h, height)
+            if x1 <= x0 or y1 <= y0:
+                degenerate.append(annotation.get("id"))
+                continue
+            boxes[position[annotation["image_id"]]].append((x0, y0, x1, y1))
+            labels[position[annotation["image_id"]]].append(label_of[category])
+        if degenerate:
+            logger.warning("%s: dropped %d boxes with no area inside their image: annotation ids %s",
+                           self.ann_file, len(degenerate), listed(degenerate))  # fmt: skip
+        if orphans:
+            logger.warning("%s: ignored %d annotations of image ids not in 'images': annotation ids %s",
+                           self.ann_file, len(orphans), listed(orphans))  # fmt: skip
+        return (
+            [np.asarray(b, dtype=np.float32).reshape(-1, 4) for b in boxes],
+            [np.asarray(c, dtype=np.int64) for c in labels],
+        )
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Forward the epoch to the transforms' `stop_epoch` policy (if they have one)."""
+        set_epoch = getattr(self.transforms, "set_epoch", None)
+        if set_epoch is not None:
+            set_epoch(epoch)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Tensor]]:
+        index, image = self._read_image(index)
+        return self.transforms(image, self._target(index, image.size))
+
+    def _read_image(self, index: int) -> tuple[int, Image.Image]:
+        """(index, image) of `index`, or with `skip_bad_images` of the first readable image from there on."""
+        candidates = range(index, index + len(self)) if self.skip_bad_images else [index]
+        for candidate in candidates:
+            candidate %= len(self)
+            if candidate in self._bad_images:
+                continue
+            try:
+                return candidate, load_image(self.image_dir / self.file_names[candidate])
+            except (FileNotFoundError, ValueError) as error:  # load_image's errors name the file
+                if not self.skip_bad_images:
+                    raise
+                self._bad_images.add(candidate)
+                logger.error("%s (image id %d); skipping it", error, self.image_ids[candidate])
+        raise RuntimeError(f"none of the {len(self)} images in {self.image_dir} is readable")
+
+    def _target(self, index: int, size: tuple[int, int]) -> dict[str, Tensor]:
+        """Target with pixel xyxy boxes clamped to the image as read, for the transforms."""
+        width, height = size
+        boxes = torch.from_numpy(self._boxes[index]).clone()
+        # The stated size should equal the file's (check_dataset reports it otherwise); clamp to the truth.
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        return {
+            "boxes": boxes[keep],
+            "labels": torch.from_numpy(self._labels[index])[keep],
+            "image_id": torch.tensor(self.image_ids[index], dtype=torch.int64),
+            "orig_size": torch.tensor([width, height], dtype=torch.int64),
+        }
+
+
+def _split_names(split: str) -> list[str]:
+    """Folder/file names a split goes by: COCO 2017 adds a year, Roboflow calls val 'valid'."""
+    aliases = {"val": ["valid"], "valid": ["val"]}.get(split, [])
+    return [split, f"{split}2017", *aliases]
+
+
+def find_split(data: str | Path, split: str) -> tuple[Path, Path]:
+    """(annotation file, image folder) of `split` ('train', 'val', ...) in the dataset folder `data`.
+
+    Tries the COCO layout `data/annotations/instances_<split>.json` with images in `data/<split>/` (or
+    `data/images/<split>/`), then the Roboflow layout `data/<split>/_annotations.coco.json`, each also under
+    the names `<split>2017` and, for val, `valid`. FileNotFoundError lists every path tried.
+    """
+    root = Path(data)
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset folder not found: {root}")
+    tried = []
+    for name in _split_names(split):
+        ann_file = root / "annotations" / f"instances_{name}.json"
+        tried.append(ann_file)
+        if ann_file.is_file():
+            image_dirs = [root / name, root / "images" / name]
+            image_dir = next((d for d in image_dirs if d.is_dir()), None)
+            if image_dir is None:
+                tried_dirs = ", ".join(map(str, image_dirs))
+                raise FileNotFoundError(f"found {ann_file} but no image folder: tried {tried_dirs}")
+            return ann_file, image_dir
+    for name in _split_names(split):
+        ann_file = root / name / "_annotations.coco.json"
+        tried.append(ann_file)
+        if ann_file.is_file():
+            return ann_file, ann_file.parent
+    raise FileNotFoundError(
+        f"no '{split}' split in {root}; tried:\n  " + "\n  ".join(map(str, tried))
+        + "\n(COCO layout: annotations/instances_<split>.json + <split>/ images; "
+        "Roboflow layout: <split>/_annotations.coco.json next to the images)"
+    )  # fmt: skip
+
+
+class BatchCollator:
+    """`collate_fn` for detection: stacks the images [B, 3, H, W] and lists the targets.
+
+    With `multiscale_sizes`, while `epoch < stop_epoch` (always if None) the whole batch is resized
+    (nearest) to a square `random.choice(multiscale_sizes)` (official v2 `BatchImageCollateFunction`);
+    boxes are normalised so they stay valid. The epoch reaches DataLoader workers only if they are created
+    after `set_epoch` (the default, `persistent_workers=False`, re-creates them every epoch).
+    """
+
+    def __init__(self, multiscale_sizes: Sequence[int] | None = None, stop_epoch: int | None = None) -> None:
+        self.multiscale_sizes = list(multiscale_sizes or [])
+        self.stop_epoch = stop_epoch
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __call__(self, batch: Sequence[tuple[Tensor, dict]]) -> tuple[Tensor, list[dict]]:
+        images = torch.stack([image for image, _ in batch])
+        targets = [target for _, target in batch]
+        if self.multiscale_sizes and (self.stop_epoch is None or self.epoch < self.stop_epoch):
+            size = random.choice(self.multiscale_sizes)
+            images = F.interpolate(images, size=size)  # mode 'nearest', as the official
+        return images, targets
