@@ -1,5 +1,6 @@
 """Decoder: anchors, query selection, eval_idx truncation, training outputs and gradient paths (facts 3.3)."""
 
+import inspect
 import math
 
 import pytest
@@ -172,13 +173,15 @@ class Recorder:
     def __init__(self, decoder: RTDETRDecoder) -> None:
         self.layer_inputs, self.scores, self.deltas, self.handles = {}, {}, {}, []
         for i, layer in enumerate(decoder.decoder.layers):
-            self.handles.append(layer.register_forward_pre_hook(self._pre(i)))
+            self.handles.append(layer.register_forward_pre_hook(self._pre(i, layer), with_kwargs=True))
             self.handles.append(decoder.dec_score_head[i].register_forward_hook(self._out(self.scores, i)))
             self.handles.append(decoder.dec_bbox_head[i].register_forward_hook(self._out(self.deltas, i)))
 
-    def _pre(self, i):
-        def hook(module, args):
-            self.layer_inputs[i] = args
+    def _pre(self, i, layer):
+        signature = inspect.signature(layer.forward)
+
+        def hook(module, args, kwargs):
+            self.layer_inputs[i] = signature.bind(*args, **kwargs).arguments  # inputs by parameter name
 
         return hook
 
@@ -207,16 +210,17 @@ def test_eval_idx_truncates_to_layer_k(k):
     assert sorted(rec.scores) == [k]
     assert set(out) == {"pred_logits", "pred_boxes"}
     assert torch.equal(out["pred_logits"], rec.scores[k])
-    ref_in = rec.layer_inputs[k][1]  # the reference box fed to layer k
+    ref_in = rec.layer_inputs[k]["reference_boxes"]  # the reference box fed to layer k
     expected = torch.sigmoid(rec.deltas[k] + inverse_sigmoid(ref_in))
     torch.testing.assert_close(out["pred_boxes"], expected, atol=1e-6, rtol=0)
     # layer k's reference input is layer k-1's refined box
     if k > 0:
-        prev = torch.sigmoid(rec.deltas[k - 1] + inverse_sigmoid(rec.layer_inputs[k - 1][1]))
+        prev = torch.sigmoid(rec.deltas[k - 1] + inverse_sigmoid(rec.layer_inputs[k - 1]["reference_boxes"]))
         torch.testing.assert_close(ref_in, prev, atol=1e-6, rtol=0)
 
     # A model with only k+1 layers, loaded with the same weights minus the later layers, agrees exactly.
-    dropped = tuple(f"decoder.{p}.{j}." for j in range(k + 1, 3) for p in ("decoder.layers", "dec_score_head", "dec_bbox_head"))
+    later = ("decoder.layers", "dec_score_head", "dec_bbox_head")
+    dropped = tuple(f"decoder.{p}.{j}." for j in range(k + 1, 3) for p in later)
     state = {n: v for n, v in model.state_dict().items() if not n.startswith(dropped)}
     short = RTDETRModel(preset("rtdetr_tiny", num_decoder_layers=k + 1)).eval()
     short.load_state_dict(state, strict=True)
@@ -251,13 +255,13 @@ def test_training_outputs_structure():
         assert scores.shape == (2, dn.num_dn + q, c)
         assert torch.equal(layers[i]["pred_logits"], scores[:, dn.num_dn :])
         assert torch.equal(out["dn_outputs"][i]["pred_logits"], scores[:, : dn.num_dn])
-        boxes = torch.sigmoid(rec.deltas[i] + inverse_sigmoid(rec.layer_inputs[i][1]))
+        boxes = torch.sigmoid(rec.deltas[i] + inverse_sigmoid(rec.layer_inputs[i]["reference_boxes"]))
         torch.testing.assert_close(layers[i]["pred_boxes"], boxes[:, dn.num_dn :], atol=1e-6, rtol=0)
         torch.testing.assert_close(out["dn_outputs"][i]["pred_boxes"], boxes[:, : dn.num_dn], atol=1e-6, rtol=0)
         assert out["dn_outputs"][i]["pred_boxes"].shape == (2, dn.num_dn, 4)
     # the denoising queries go in front with their attention mask
-    assert rec.layer_inputs[0][4] is dn.attn_mask
-    torch.testing.assert_close(rec.layer_inputs[0][1][:, : dn.num_dn], torch.sigmoid(dn.boxes_unact))
+    assert rec.layer_inputs[0]["attn_mask"] is dn.attn_mask
+    torch.testing.assert_close(rec.layer_inputs[0]["reference_boxes"][:, : dn.num_dn], torch.sigmoid(dn.boxes_unact))
 
 
 def test_training_without_targets_has_no_denoising():
@@ -292,7 +296,7 @@ def test_gradient_paths_between_layers():
     assert all(x is not None and x.abs().sum() > 0 for x in g)
     # ... while the reference box fed to every layer is detached: layer 1's logits don't see bbox head 0.
     for i in range(3):
-        assert not rec.layer_inputs[i][1].requires_grad
+        assert not rec.layer_inputs[i]["reference_boxes"].requires_grad
     assert all(x is None for x in _grads(layer1["pred_logits"], dec.dec_bbox_head[0].parameters()))
     # layer 0's box does not depend on later heads, and no layer's output sees the enc_* heads
     assert all(x is None for x in _grads(out["aux_outputs"][0]["pred_boxes"], dec.dec_bbox_head[1].parameters()))
@@ -328,5 +332,7 @@ def test_gradients_at_init_only_miss_mlps_behind_zero_initialised_heads():
     model = RTDETRModel(preset("rtdetr_tiny", num_decoder_layers=3)).train()
     total_output_sum(model(images(), targets())).backward()
     expected = [f"decoder.enc_bbox_head.layers.{j}.{t}" for j in (0, 1) for t in ("weight", "bias")]
-    expected += [f"decoder.dec_bbox_head.{i}.layers.{j}.{t}" for i in range(3) for j in (0, 1) for t in ("weight", "bias")]
+    expected += [
+        f"decoder.dec_bbox_head.{i}.layers.{j}.{t}" for i in range(3) for j in (0, 1) for t in ("weight", "bias")
+    ]
     assert sorted(params_without_gradient(model)) == sorted(expected)

@@ -125,7 +125,8 @@ def test_sampling_locations_and_full_forward(monkeypatch):
         off = module.sampling_offsets(query).reshape(b, lq, 2, 6, 2)
         points = torch.tensor([1, 2, 2, 3, 3, 3], dtype=torch.float32)  # P_l of each point
         # loc = ref_xy + off / P_l * ref_wh * 0.5
-        expected_loc = ref[:, :, None, None, :2] + off / points[None, None, None, :, None] * ref[:, :, None, None, 2:] * 0.5
+        ref_xy, ref_wh = ref[:, :, None, None, :2], ref[:, :, None, None, 2:]
+        expected_loc = ref_xy + off / points[None, None, None, :, None] * ref_wh * 0.5
         expected_w = module.attention_weights(query).reshape(b, lq, 2, 6).softmax(-1)  # joint over levels*points
         torch.testing.assert_close(captured["locations"], expected_loc)
         torch.testing.assert_close(captured["weights"], expected_w)

@@ -131,10 +131,12 @@ def test_no_noise_gives_clean_embeddings_and_boxes():
             block = slice(5 * k, 5 * k + n)
             torch.testing.assert_close(emb[i, block], embed.weight[t["labels"]].detach())
             torch.testing.assert_close(boxes[i, block], t["boxes"], atol=1e-6, rtol=0)
-        torch.testing.assert_close(boxes[i, groups.positive_idx[i]], t["boxes"].repeat(groups.num_group, 1), atol=1e-6, rtol=0)
+        positives = boxes[i, groups.positive_idx[i]]
+        torch.testing.assert_close(positives, t["boxes"].repeat(groups.num_group, 1), atol=1e-6, rtol=0)
     # padding slots of the 3-gt image: padding class -> zero embedding, zero box -> sigmoid(-11.5)
     assert (emb[0, 3:5] == 0).all()
-    torch.testing.assert_close(groups.boxes_unact[0, 3:5], torch.full((2, 4), inverse_sigmoid(torch.tensor(0.0)).item()))
+    padded = inverse_sigmoid(torch.tensor(0.0)).item()
+    torch.testing.assert_close(groups.boxes_unact[0, 3:5], torch.full((2, 4), padded))
 
 
 def test_label_noise_flips_about_a_quarter_and_only_real_gts():

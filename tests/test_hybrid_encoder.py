@@ -41,6 +41,14 @@ def official_position_embedding(w: int, h: int, dim: int, temperature: float = 1
     return torch.cat([out_w.sin(), out_w.cos(), out_h.sin(), out_h.cos()], dim=1)[None, :, :]
 
 
+def natural_position_embedding(h: int, w: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """Token k of a row-major h x w map sits at (k // w, k % w): [sin(r w_k), cos(r w_k), sin(c w_k), cos(c w_k)]."""
+    rows = torch.arange(h, dtype=torch.float32).repeat_interleave(w)[:, None]
+    cols = torch.arange(w, dtype=torch.float32).repeat(h)[:, None]
+    omega = temperature ** -(torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))
+    return torch.cat([(rows * omega).sin(), (rows * omega).cos(), (cols * omega).sin(), (cols * omega).cos()], 1)[None]
+
+
 def test_position_embedding_hand_checked_2x3():
     # dim 8 -> pos_dim 2, w_k = 1 / 10000^(k/2): w_0 = 1, w_1 = 1/100.
     # Token k of a row-major flattened 2x3 map is (row, col) = (k // 3, k % 3).
@@ -91,7 +99,7 @@ def test_position_embedding_is_cached_per_size():
     assert enc.position_embedding(3, 3, like) is a
     b = enc.position_embedding(2, 5, like)
     assert b is not a and b.shape == (1, 10, 16)
-    assert torch.equal(b, build_2d_sincos_position_embedding(2, 5, 16))
+    torch.testing.assert_close(b, natural_position_embedding(2, 5, 16), atol=1e-5, rtol=0)
     assert enc.position_embedding(3, 3, like) is a
     # not persistent: never in the state dict
     assert not any("pos" in k for k in enc.state_dict())
@@ -162,7 +170,7 @@ def reference_aifi(enc: HybridEncoder, s5: torch.Tensor) -> torch.Tensor:
     b, c, h, w = s5.shape
     layer = enc.encoder[0].layers[0]
     src = s5.flatten(2).permute(0, 2, 1)
-    pos = build_2d_sincos_position_embedding(h, w, c)
+    pos = natural_position_embedding(h, w, c)
     attn = layer.self_attn
     wq, wk, wv = attn.in_proj_weight.chunk(3)
     bq, bk, bv = attn.in_proj_bias.chunk(3)

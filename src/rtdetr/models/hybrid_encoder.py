@@ -90,7 +90,7 @@ class RepVggBlock(nn.Module):
         self.conv = nn.Conv2d(w3.shape[1], w3.shape[0], 3, 1, padding=1, bias=True)
         self.conv.weight.copy_(w3 + F.pad(w1, [1, 1, 1, 1]))
         self.conv.bias.copy_(b3 + b1)
-        self.to(w3.device)
+        self.to(device=w3.device, dtype=w3.dtype)
 
 
 def fold_batch_norm(conv: nn.Conv2d, norm: nn.Module) -> tuple[Tensor, Tensor]:

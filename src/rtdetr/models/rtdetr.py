@@ -75,6 +75,6 @@ def fold_conv_batch_norms(module: nn.Module) -> None:
                 fused = nn.Conv2d(a.in_channels, a.out_channels, a.kernel_size, a.stride, a.padding, bias=True)
                 fused.weight.copy_(weight)
                 fused.bias.copy_(bias)
-                setattr(child, name_a, fused.to(weight.device))
+                setattr(child, name_a, fused.to(device=weight.device, dtype=weight.dtype))
                 setattr(child, name_b, nn.Identity())
         fold_conv_batch_norms(child)
