@@ -2,12 +2,13 @@
 
 HF equals the official model on eval outputs with `eval_size=None`, and gives each token its true (row,
 column) on non-square inputs, as we do: converted weights must give the same detections at 640 x 640 and at
-non-square sizes. Models are random (nothing is downloaded) but perturbed so that no output is trivial.
+non-square sizes. Models are random (nothing is downloaded), redrawn so that no output is trivial.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -30,6 +31,7 @@ from rtdetr.convert.huggingface import (  # noqa: E402
     save_hf_folder,
 )
 from rtdetr.models.rtdetr import RTDETRModel  # noqa: E402
+from rtdetr.ops.boxes import inverse_sigmoid  # noqa: E402
 
 ATOL = 1e-4
 # (batch, height, width) per variant: square and non-square inputs
@@ -60,34 +62,42 @@ def hf_config(name: str) -> RTDetrConfig:
 
 @torch.no_grad()
 def randomize_(model: nn.Module, seed: int) -> nn.Module:
-    """O(1) random BatchNorm statistics and affine terms, N(0, 0.02) noise on every other parameter.
+    """Redraw every parameter and BatchNorm statistic, the same way for HF and us, so no output is trivial.
 
-    HF's init draws BatchNorm weights from N(0, 0.01), so features vanish and every query ties; the zero-
-    initialised heads (box deltas, sampling offsets, attention weights) would hide mapping errors. The bias of
-    `enc_output`'s Linear is zeroed: invalid border anchors have their memory zeroed, so they all share one
-    score; kept at the prior this way, they cannot flood the top-K with hundreds of identical queries.
+    HF's init draws BatchNorm weights from N(0, 0.01), so features vanish and every query ties, and zero-
+    initialised heads (box deltas, sampling offsets, attention weights) would hide mapping errors. Here:
+    BatchNorm (also frozen) weight U(0.5, 1.5), bias N(0, 0.1), running mean N(0, 0.1), running var
+    U(0.5, 1.5); LayerNorm weights U(0.5, 1.5); matrices N(0, 1/fan_in) (activations keep their scale);
+    biases N(0, 0.1). The bias of `enc_output`'s Linear is zeroed: invalid border anchors have their memory
+    zeroed, so they share one score; at the score head's bias it sits mid-pack instead of possibly
+    flooding the top-K with hundreds of identical queries.
     """
     g = torch.Generator().manual_seed(seed)
+    uniform = lambda t: torch.rand(t.shape, generator=g) + 0.5  # noqa: E731
+    normal = lambda t, std: std * torch.randn(t.shape, generator=g)  # noqa: E731
     norms = [m for m in model.modules() if getattr(m, "running_var", None) is not None]
     for norm in norms:
-        n = norm.running_var.numel()
-        norm.weight.copy_(torch.rand(n, generator=g) + 0.5)
-        norm.bias.copy_(0.1 * torch.randn(n, generator=g))
-        norm.running_mean.copy_(0.1 * torch.randn(n, generator=g))
-        norm.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-    in_norms = {id(t) for m in norms for t in (m.weight, m.bias)}
+        norm.weight.copy_(uniform(norm.weight))
+        norm.bias.copy_(normal(norm.bias, 0.1))
+        norm.running_mean.copy_(normal(norm.running_mean, 0.1))
+        norm.running_var.copy_(uniform(norm.running_var))
+    done = {id(t) for m in norms for t in (m.weight, m.bias)}
     for name, param in model.named_parameters():
-        if id(param) not in in_norms:
-            # Box heads get more, so that widths and heights differ between queries too.
-            scale = 0.1 if "bbox" in name else 0.02
-            param.add_(scale * torch.randn(param.shape, generator=g))
+        if id(param) in done:
+            continue
+        if param.dim() >= 2:
+            param.copy_(normal(param, param[0].numel() ** -0.5))
+        else:
+            param.copy_(uniform(param) if name.endswith("weight") else normal(param, 0.1))
     next(m for name, m in model.named_modules() if name.endswith("enc_output.0")).bias.zero_()
     return model.eval()
 
 
 def assert_not_trivial(logits: Tensor, boxes: Tensor) -> None:
-    """Spread boxes, varied logits and queries far apart compared with ATOL (so matching is unambiguous)."""
-    assert boxes.std(dim=0).min() > 0.01, f"boxes barely differ: std per coordinate {boxes.std(dim=0).tolist()}"
+    """Boxes spread in every coordinate (measured in logit space: widths near 0 vary by ratios), varied
+    logits, and queries far apart compared with ATOL (so matching them is unambiguous)."""
+    spread = inverse_sigmoid(boxes).std(dim=0)
+    assert spread.min() > 0.05, f"boxes barely differ: logit-space std per coordinate {spread.tolist()}"
     assert logits.std() > 0.5, "logits barely differ"
     rows = torch.cat([logits, boxes], dim=-1)
     gaps = torch.cdist(rows, rows, p=math.inf).fill_diagonal_(math.inf)
@@ -133,23 +143,25 @@ def config_differences(a: ModelConfig, b: ModelConfig) -> dict[str, tuple]:
             if getattr(a, f.name) != getattr(b, f.name)}  # fmt: skip
 
 
-@pytest.fixture(scope="module", params=["rtdetr_r18vd", "rtdetr_r50vd"])
-def hf_model(request: pytest.FixtureRequest) -> tuple[str, RTDetrForObjectDetection]:
-    """(preset name, randomised HF model). Its backbone norms are frozen (HF's default): no BN counters."""
+@functools.cache
+def hf_model(name: str) -> RTDetrForObjectDetection:
+    """A randomised HF model of preset `name`, built once. Its backbone norms are frozen (HF's default, as in
+    the published checkpoints), so they store no BatchNorm counters."""
     torch.manual_seed(0)
-    return request.param, randomize_(RTDetrForObjectDetection(hf_config(request.param)), seed=1)
+    return randomize_(RTDetrForObjectDetection(hf_config(name)), seed=1)
 
 
-def test_hf_weights_give_hf_outputs_in_our_model(hf_model: tuple[str, RTDetrForObjectDetection]) -> None:
-    name, hf = hf_model
+@pytest.mark.parametrize("name", ["rtdetr_r18vd", "rtdetr_r50vd"])
+def test_hf_weights_give_hf_outputs_in_our_model(name: str) -> None:
     config = PRESETS[name]
     ours = RTDETRModel(config).eval()
-    ours.load_state_dict(fit_to_model(hf_to_official(hf.state_dict()), config), strict=True)
-    assert_same_outputs(ours, hf, SIZES[name])
+    ours.load_state_dict(fit_to_model(hf_to_official(hf_model(name).state_dict()), config), strict=True)
+    assert_same_outputs(ours, hf_model(name), SIZES[name])
 
 
-def test_read_hf_folder_of_save_pretrained(hf_model: tuple[str, RTDetrForObjectDetection], tmp_path) -> None:
-    name, hf = hf_model
+@pytest.mark.parametrize("name", ["rtdetr_r18vd", "rtdetr_r50vd"])
+def test_read_hf_folder_of_save_pretrained(name: str, tmp_path) -> None:
+    hf = hf_model(name)
     hf.save_pretrained(tmp_path / "safetensors")
     config, state_dict, class_names = read_hf_folder(tmp_path / "safetensors")
     assert config_differences(config, PRESETS[name]) == {}
@@ -164,26 +176,26 @@ def test_read_hf_folder_of_save_pretrained(hf_model: tuple[str, RTDetrForObjectD
     assert_same_tensors(read_hf_folder(tmp_path / "bin")[1], state_dict)
 
 
-def test_transformers_4_names_read_as_5(hf_model: tuple[str, RTDetrForObjectDetection]) -> None:
+@pytest.mark.parametrize("name", ["rtdetr_r18vd", "rtdetr_r50vd"])
+def test_transformers_4_names_read_as_5(name: str) -> None:
     """4.x checkpoints use out_proj / fc1 / encoder.encoder.N and may hold the tied heads twice."""
-    _, hf = hf_model
+    state_dict = hf_model(name).state_dict()
     legacy = {}
-    for key, value in hf.state_dict().items():
+    for key, value in state_dict.items():
         for pattern, replacement in LEGACY_NAMES:
             key = re.sub(pattern, replacement, key)
         legacy[key] = value
         if key.startswith(("model.decoder.class_embed.", "model.decoder.bbox_embed.")):
             legacy[key.removeprefix("model.decoder.")] = value
-    assert legacy.keys() != hf.state_dict().keys()
-    assert_same_tensors(hf_to_official(legacy), hf_to_official(hf.state_dict()))
+    assert legacy.keys() != state_dict.keys()
+    assert_same_tensors(hf_to_official(legacy), hf_to_official(state_dict))
 
 
-def test_api_from_checkpoint_on_hf_folder(hf_model: tuple[str, RTDetrForObjectDetection], tmp_path) -> None:
+def test_api_from_checkpoint_on_hf_folder(tmp_path) -> None:
     from rtdetr.api import RTDETR
 
-    name, hf = hf_model
-    hf.save_pretrained(tmp_path)
-    assert_same_outputs(RTDETR.from_checkpoint(tmp_path), hf, SIZES[name][:1])
+    hf_model("rtdetr_r18vd").save_pretrained(tmp_path)
+    assert_same_outputs(RTDETR.from_checkpoint(tmp_path), hf_model("rtdetr_r18vd"), [(1, 640, 640)])
 
 
 @pytest.mark.parametrize("name", ["rtdetr_r18vd", "rtdetr_r50vd"])

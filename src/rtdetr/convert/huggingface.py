@@ -119,12 +119,12 @@ def _rename(state_dict: dict[str, Tensor], rules: list[tuple[re.Pattern[str], st
     out: dict[str, Tensor] = {}
     unknown = []
     for key, value in state_dict.items():
-        match = next((m for pattern, _ in rules if (m := pattern.fullmatch(key))), None)
-        if match is None:
+        for pattern, template in rules:
+            if match := pattern.fullmatch(key):
+                out[template.format(**match.groupdict())] = value
+                break
+        else:
             unknown.append(key)
-            continue
-        template = next(t for p, t in rules if p is match.re)
-        out[template.format(**match.groupdict())] = value
     if unknown:
         raise ValueError(f"{len(unknown)} tensors are not {what} tensors of RT-DETR v1: {_preview(unknown)}")
     return out
@@ -204,8 +204,8 @@ def fit_to_model(state_dict: dict[str, Tensor], config: ModelConfig, source: str
     with torch.device("meta"):  # names and shapes only: no memory, no initialisation cost
         expected = RTDETRModel(config).state_dict()
     out = {k: v for k, v in state_dict.items() if k in expected or not k.endswith(".num_batches_tracked")}
-    for key in expected.keys() - out.keys():
-        if key.endswith(".num_batches_tracked"):
+    for key in expected:
+        if key.endswith(".num_batches_tracked") and key not in out:
             out[key] = torch.zeros((), dtype=torch.long)
     embed = "decoder.denoising_class_embed.weight"
     if config.num_denoising == 0 and embed not in out:
@@ -227,7 +227,7 @@ def fit_to_model(state_dict: dict[str, Tensor], config: ModelConfig, source: str
     return out
 
 
-# RTDetrConfig / RTDetrResNetConfig defaults (transformers 4.x and 5.x agree) for fields a config.json may omit.
+# RTDetrConfig / RTDetrResNetConfig defaults (released transformers 4.x and 5.x agree) for fields config.json omits.
 _HF_DEFAULTS: dict[str, Any] = {
     "model_type": "rt_detr",
     "backbone": None,
