@@ -1,0 +1,101 @@
+"""Running an exported `.onnx` model in ONNX Runtime with the same `predict` as `RTDETR`.
+
+    detector = OnnxDetector("model.onnx")
+    dets = detector.predict(["a.jpg", pil_image], score_threshold=0.5)   # list[Detections], pixel xyxy
+
+Class names, category ids and the input size are read from the model's metadata (written by `export_onnx`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from PIL import Image
+from torch import Tensor
+
+from ..api import ImageInput, to_model_input
+from ..postprocess import Detections
+from .onnx import INPUT_NAMES, OUTPUT_NAMES
+
+
+class OnnxDetector:
+    """An exported RT-DETR (graph with the top-K post-processor inside) behind `RTDETR.predict`'s interface."""
+
+    def __init__(self, path: str | Path, providers: Sequence[str | tuple[str, dict]] | None = None) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"ONNX model not found: {self.path}")
+        try:
+            self.session = ort.InferenceSession(str(self.path), providers=list(providers or ["CPUExecutionProvider"]))
+        except Exception as error:  # ORT raises its own exception types for unreadable graphs
+            raise ValueError(f"cannot load ONNX model {self.path}: {error}") from error
+        names = [i.name for i in self.session.get_inputs()]
+        if names != INPUT_NAMES:
+            raise ValueError(f"{self.path} has inputs {names}; an rtdetr export has {INPUT_NAMES}")
+        metadata = self.session.get_modelmeta().custom_metadata_map
+        missing = [k for k in ("class_names", "category_ids", "image_size") if k not in metadata]
+        if missing:
+            raise ValueError(f"{self.path} lacks the metadata {missing}: export it with `rtdetr export`")
+        self.class_names: list[str] = json.loads(metadata["class_names"])
+        self.category_ids: list[int] = json.loads(metadata["category_ids"])
+        self.image_size: tuple[int, int] = tuple(json.loads(metadata["image_size"]))  # type: ignore[assignment]
+        self.metadata = dict(metadata)
+        batch = self.session.get_inputs()[0].shape[0]
+        self.max_batch = batch if isinstance(batch, int) else None  # None: dynamic batch axis
+
+    def run(self, images: Tensor, orig_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The raw graph: images [N, 3, H, W] float, orig_sizes [N, 2] (width, height) -> labels, boxes, scores."""
+        feeds = {"images": images.float().numpy(), "orig_target_sizes": orig_sizes.to(torch.int64).numpy()}
+        labels, boxes, scores = self.session.run(OUTPUT_NAMES, feeds)
+        return torch.from_numpy(labels), torch.from_numpy(boxes), torch.from_numpy(scores)
+
+    def predict(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        score_threshold: float = 0.5,
+        image_size: tuple[int, int] | None = None,
+        batch_size: int = 8,
+        max_detections: int = 300,
+    ) -> list[Detections]:
+        """As `RTDETR.predict`: per image, boxes [N, 4] pixel xyxy in the original image, scores, labels
+        (dataset category ids) and class names, sorted by score. `image_size` can only be the exported size."""
+        if isinstance(images, (str, Path, Image.Image, np.ndarray, Tensor)):
+            images = [images]
+        if image_size is not None and tuple(image_size) != self.image_size:
+            raise ValueError(
+                f"{self.path} was exported for {self.image_size[0]}x{self.image_size[1]} inputs, not "
+                f"{image_size[0]}x{image_size[1]}: export again with that --img-size"
+            )
+        step = min(batch_size, self.max_batch or batch_size)
+        ids = torch.as_tensor(self.category_ids)
+        results: list[Detections] = []
+        for start in range(0, len(images), step):
+            tensors, orig_sizes = zip(*(to_model_input(im, self.image_size) for im in images[start : start + step]))
+            labels, boxes, scores = self.run(torch.stack(tensors), torch.tensor(orig_sizes))
+            # The graph's top-K is sorted by score: the first max_detections are the best ones.
+            labels, boxes, scores = labels[:, :max_detections], boxes[:, :max_detections], scores[:, :max_detections]
+            for lab, box, score in zip(labels, boxes, scores):
+                keep = score > score_threshold
+                lab, box, score = lab[keep], box[keep], score[keep]
+                results.append(Detections(box, score, ids[lab], [self.class_names[i] for i in lab.tolist()]))
+        return results
+
+
+def providers_for(device: str) -> list[str | tuple[str, dict]]:
+    """ONNX Runtime execution providers for a torch-style device string ('cpu', 'cuda', 'cuda:0')."""
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device.startswith("cuda"):
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise ValueError(
+                f"device {device}: this onnxruntime has no CUDA provider (available: {ort.get_available_providers()}); "
+                "install onnxruntime-gpu or use --device cpu"
+            )
+        index = int(device.split(":")[1]) if ":" in device else 0
+        return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+    raise ValueError(f"device {device}: ONNX Runtime runs on 'cpu' or 'cuda[:i]'")
