@@ -14,7 +14,8 @@ from PIL import Image
 from test_onnx_export import randomized_model  # the tests folder is on sys.path (pytest rootdir-relative import)
 
 from rtdetr import RTDETR
-from rtdetr.cli import main, sample_image_path
+from rtdetr.cli import main
+from rtdetr.export.onnx import sample_image as sample_image_path
 from rtdetr.export.onnx import export_onnx, matched_max_diff
 from rtdetr.inference import load_detector
 from rtdetr.models.rtdetr import RTDETRModel

@@ -24,9 +24,9 @@ from .api import RTDETR, load_image
 from .config import PRESETS
 from .export.benchmark import benchmark_model, format_table
 from .export.onnx import ExportCheckError, check_onnx, export_onnx
-from .export.onnx import sample_image as sample_image_path
 from .export.onnxruntime_backend import OnnxDetector
 from .inference import load_detector
+from .train_cli import add_subcommands
 from .postprocess import Detections
 from .viz import draw_detections
 
@@ -34,7 +34,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"}
 DEFAULT_VIDEO_FPS = 30.0  # when a video file does not say its frame rate
 
-__all__ = ["build_parser", "main", "sample_image_path"]
+__all__ = ["build_parser", "main"]
 
 
 def image_size_arg(text: str) -> tuple[int, int]:
@@ -283,35 +283,11 @@ def pytorch_model(args: argparse.Namespace, device: str) -> RTDETR:
     return model
 
 
-# ---------------------------------------------------------------------------------------------------- demo
-
-
-def demo(args: argparse.Namespace) -> int:
-    print(
-        "rtdetr demo: runs `predict` with a RANDOMLY INITIALISED "
-        f"{args.preset} on the bundled synthetic sample image; the drawn boxes are meaningless."
-    )
-    args.source = [str(sample_image_path())]
-    args.weights, args.decoder_layers, args.img_size, args.batch_size = None, None, None, 1
-    args.score_threshold, args.max_detections = 0.0, 10  # random weights score ~0.01: draw the top 10
-    code = predict(args)
-    print(f"annotated image: {Path(args.output) / 'sample_pred.jpg'}")
-    return code
-
-
-def add_demo_command(sub: argparse._SubParsersAction) -> None:
-    d = sub.add_parser("demo", help="the built-in demo (see its message)")
-    d.add_argument("--preset", default="rtdetr_tiny", choices=sorted(PRESETS))
-    d.add_argument("--device", default="cpu")
-    d.add_argument("--output", default="runs/demo")
-    d.set_defaults(func=demo)
-
-
 COMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     add_predict_command,
     add_export_command,
     add_bench_command,
-    add_demo_command,
+    add_subcommands,  # train, eval, demo
 )
 
 

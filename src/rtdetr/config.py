@@ -84,6 +84,78 @@ class ModelConfig:
         return dataclasses.replace(self, **check_overrides(ModelConfig, overrides))
 
 
+AMP_MODES = ("off", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    """Every training hyperparameter. Defaults are the official recipe (facts: v1 optimizer.yml, v2 LinearWarmup,
+    EMA and AMP options; `TrainConfig.for_model` applies the per-variant backbone lr).
+
+    Batch: `batch_size` images per optimizer step in total (all processes and accumulation passes; official 16).
+    Each process runs `step_batch_size` images per forward pass (0: batch_size / world size) and gradients
+    accumulate over batch_size / (world size * step_batch_size) passes.
+    """
+
+    epochs: int = 72
+    batch_size: int = 16
+    step_batch_size: int = 0
+    lr: float = 1e-4
+    backbone_lr: float = 1e-5  # 1e-6 for r101vd (official); `for_model` picks it
+    weight_decay: float = 1e-4  # 0 on norms/biases: see `param_groups`
+    betas: tuple[float, ...] = (0.9, 0.999)
+    param_groups: str = "auto"  # official regex groups of 'r18vd', 'r34vd', 'r50vd', 'r101vd'; auto: by depth
+    warmup_steps: int = 2000  # linear lr warmup over optimizer steps (v2; v1 has none: 0)
+    lr_milestones: tuple[int, ...] = ()  # epochs from which the lr is multiplied by lr_gamma (official: never)
+    lr_gamma: float = 0.1
+    ema_decay: float = 0.9999
+    ema_warmups: int = 2000  # EMA decay = ema_decay * (1 - exp(-updates / ema_warmups))
+    clip_max_norm: float = 0.1  # gradient norm clip (0: off)
+    amp: str = "off"  # 'off' | 'bf16' (CPU or CUDA) | 'fp16' (CUDA, with a GradScaler)
+    stop_epoch: int = -1  # strong augmentation and multi-scale off from this epoch; negative: from the end
+    multiscale_sizes: tuple[int, ...] = ()  # square batch sizes drawn per step; () keeps the image size
+    num_workers: int = 4
+    eval_batch_size: int = 32
+    eval_interval: int = 1  # epochs between evaluations (the last epoch is always evaluated)
+    log_interval: int = 50  # optimizer steps between metrics-log lines
+    checkpoint_interval: int = 0  # also write last.pt every this many optimizer steps (0: once per epoch)
+    max_steps: int = 0  # stop (after writing last.pt) once this many optimizer steps are done (0: no limit)
+    seed: int = 0
+    sync_bn: bool = True  # SyncBatchNorm when distributed on CUDA (official)
+    skip_bad_images: bool = False
+    device: str = "auto"  # 'auto': cuda if available, else cpu
+    output: str = "runs/train"
+
+    def __post_init__(self) -> None:
+        for name in ("betas", "lr_milestones", "multiscale_sizes"):  # JSON round trips give lists
+            setattr(self, name, tuple(getattr(self, name)))
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"TrainConfig.amp must be one of {AMP_MODES}, got {self.amp!r}")
+        if self.epochs < 1 or self.batch_size < 1 or self.step_batch_size < 0:
+            raise ValueError(
+                f"TrainConfig needs epochs >= 1, batch_size >= 1, step_batch_size >= 0; got {self.epochs}, "
+                f"{self.batch_size}, {self.step_batch_size}"
+            )
+        if len(self.betas) != 2:
+            raise ValueError(f"TrainConfig.betas needs two values, got {self.betas}")
+        if any(size % 32 for size in self.multiscale_sizes):
+            raise ValueError(f"TrainConfig.multiscale_sizes must be multiples of 32, got {self.multiscale_sizes}")
+
+    @property
+    def resolved_stop_epoch(self) -> int:
+        """The first epoch without strong augmentation and multi-scale (official: 71 of 72)."""
+        return self.stop_epoch if self.stop_epoch >= 0 else self.epochs + self.stop_epoch
+
+    def replace(self, **overrides: Any) -> "TrainConfig":
+        """A copy with fields overridden by name; unknown names and wrong types raise."""
+        return dataclasses.replace(self, **check_overrides(TrainConfig, overrides))
+
+    @classmethod
+    def for_model(cls, model: ModelConfig, **overrides: Any) -> "TrainConfig":
+        """The official recipe for this variant (backbone lr 1e-6 for R101, else 1e-5), then `overrides`."""
+        return cls(backbone_lr=1e-6 if model.depth == 101 else 1e-5).replace(**overrides)
+
+
 def check_overrides(cls: type, overrides: dict[str, Any]) -> dict[str, Any]:
     """Validate `overrides` against the fields of dataclass `cls`; coerce ints to floats and lists to tuples."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -155,4 +227,4 @@ def config_dict(config: Any) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
 
 
-__all__ = ["ModelConfig", "PRESETS", "preset", "check_overrides", "config_dict"]
+__all__ = ["ModelConfig", "TrainConfig", "PRESETS", "preset", "check_overrides", "config_dict"]

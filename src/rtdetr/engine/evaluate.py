@@ -1,0 +1,127 @@
+"""COCO evaluation of a model on a dataset split: `evaluate(weights, data=..., split="val", output=...)`.
+
+Used by the trainer every epoch (with the EMA weights) and by `rtdetr eval`. Under torchrun every process
+scores a shard of the images and the detections are gathered before COCOeval runs on rank 0.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from ..api import RTDETR
+from ..data.coco import BatchCollator, CocoDetection, find_split
+from ..data.transforms import eval_transforms
+from ..postprocess import postprocess
+from .distributed import Process, cleanup_distributed, init_distributed
+from .evaluator import CocoEvaluator
+
+logger = logging.getLogger(__name__)
+
+
+def autocast(device: torch.device, amp: str):
+    """The forward-pass autocast context of an `amp` mode ('off', 'bf16', 'fp16')."""
+    if amp == "off":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def eval_loader(dataset: CocoDetection, batch_size: int, num_workers: int, process: Process) -> DataLoader:
+    """Batches of this process's shard (every world_size-th image, in order; no padding, no shuffling)."""
+    shard = Subset(dataset, range(process.rank, len(dataset), process.world_size))
+    return DataLoader(
+        shard, batch_size=batch_size, num_workers=num_workers, collate_fn=BatchCollator(),
+        pin_memory=process.device.type == "cuda", generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: RTDETR, loader: DataLoader, evaluator: CocoEvaluator, process: Process, amp: str = "off"
+) -> dict | None:
+    """Run `model` (eval mode) over `loader` and score it: the metrics dict of `CocoEvaluator.summarize`
+    on rank 0, None on the other ranks. Detections are mapped to the model's category ids."""
+    was_training = model.training
+    model.eval()
+    for images, targets in tqdm(loader, desc="eval", unit="batch", leave=False, disable=not process.is_main):
+        with autocast(process.device, amp):
+            outputs = model(images.to(process.device, non_blocking=True))
+        outputs = {k: outputs[k].float().cpu() for k in ("pred_logits", "pred_boxes")}
+        orig_sizes = torch.stack([t["orig_size"] for t in targets])
+        detections = postprocess(outputs, orig_sizes, model.category_ids, model.class_names)
+        evaluator.update([int(t["image_id"]) for t in targets], detections)
+    evaluator.gather()
+    model.train(was_training)
+    return evaluator.summarize() if process.is_main else None
+
+
+def check_categories(model: RTDETR, dataset: CocoDetection) -> None:
+    """The model's (category id, class name) pairs must be the dataset's: otherwise scores are meaningless."""
+    ours = dict(zip(model.category_ids, model.class_names))
+    theirs = dict(zip(dataset.category_ids, dataset.class_names))
+    wrong = [f"{i}: model '{name}' vs dataset '{theirs.get(i, '<absent>')}'" for i, name in ours.items()
+             if theirs.get(i) != name]  # fmt: skip
+    if wrong:
+        raise ValueError(
+            f"the model's classes do not match {dataset.ann_file} (category id: names): " + "; ".join(wrong[:10])
+            + ". Evaluate a model trained on this dataset's categories."
+        )  # fmt: skip
+
+
+def evaluate(
+    weights: str | Path | RTDETR,
+    data: str | Path | None = None,
+    split: str = "val",
+    output: str | Path | None = None,
+    *,
+    ann_file: str | Path | None = None,
+    image_dir: str | Path | None = None,
+    image_size: tuple[int, int] | None = None,
+    batch_size: int = 32,
+    num_workers: int = 2,
+    device: str = "auto",
+    verbose: bool = True,
+) -> dict:
+    """COCO box metrics of a checkpoint (or model) on a split of a COCO/Roboflow dataset folder `data`
+    (or an explicit `ann_file` + `image_dir`).
+
+    Returns {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "per_class"} (on every
+    process). With `output`, writes output/metrics.json and output/predictions.json (COCO results with the
+    dataset's own image and category ids). Images are resized to `image_size` (H, W), default the model's.
+    """
+    process = init_distributed(device)
+    try:
+        model = weights if isinstance(weights, RTDETR) else RTDETR.from_checkpoint(weights)
+        model = model.to(process.device).eval()
+        if ann_file is None or image_dir is None:
+            if data is None:
+                raise ValueError("evaluate needs `data` (a dataset folder) or both `ann_file` and `image_dir`")
+            ann_file, image_dir = find_split(data, split)
+        dataset = CocoDetection(ann_file, image_dir, eval_transforms(tuple(image_size or model.config.image_size)))
+        check_categories(model, dataset)
+        evaluator = CocoEvaluator(dataset.ann_file, dataset.class_names)
+        loader = eval_loader(dataset, batch_size, num_workers, process)
+        metrics = evaluate_model(model, loader, evaluator, process)
+        if process.is_main:
+            if verbose:
+                print(f"{dataset.ann_file}: {len(dataset)} images\n{evaluator.table()}")
+            if output is not None:
+                output = Path(output)
+                output.mkdir(parents=True, exist_ok=True)
+                (output / "metrics.json").write_text(json.dumps(metrics, indent=1))
+                (output / "predictions.json").write_text(json.dumps(evaluator.results()))
+        return metrics if not process.distributed else _broadcast(metrics)
+    finally:
+        cleanup_distributed()
+
+
+def _broadcast(metrics: dict | None) -> dict:
+    holder = [metrics]
+    torch.distributed.broadcast_object_list(holder, src=0)
+    return holder[0]

@@ -1,0 +1,148 @@
+"""AdamW parameter groups by regex (official `optimizer.params`) and the lr schedule (official v2 linear
+warmup per iteration, then MultiStepLR per epoch).
+
+The official configs select groups with `re.findall(pattern, name)` over the trainable parameters; what no
+pattern selects forms the default group (lr, weight_decay). Each variant's config replaces the include's
+list, so the groups differ per variant (facts section 5); they are reproduced here by name.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig, TrainConfig
+
+
+@dataclass(frozen=True)
+class GroupRule:
+    """Parameters whose name matches `pattern` get the backbone lr (else the base lr) and, if not
+    `decay`, weight decay 0."""
+
+    name: str
+    pattern: str
+    backbone_lr: bool
+    decay: bool
+
+
+OFFICIAL_GROUPS: dict[str, tuple[GroupRule, ...]] = {
+    # v1 rtdetr_r18vd_6x_coco.yml
+    "r18vd": (
+        GroupRule("backbone_norm", r"^(?=.*backbone)(?=.*norm).*$", backbone_lr=True, decay=False),
+        GroupRule("backbone", r"^(?=.*backbone)(?!.*norm).*$", backbone_lr=True, decay=True),
+        GroupRule("encoder_decoder_norm_bias", r"^(?=.*(?:encoder|decoder))(?=.*(?:norm|bias)).*$", False, False),
+    ),
+    # v1 rtdetr_r34vd_6x_coco.yml: the r18vd groups with `norm|bn` alternations
+    "r34vd": (
+        GroupRule("backbone_norm", r"^(?=.*backbone)(?=.*(?:norm|bn)).*$", backbone_lr=True, decay=False),
+        GroupRule("backbone", r"^(?=.*backbone)(?!.*(?:norm|bn)).*$", backbone_lr=True, decay=True),
+        GroupRule(
+            "encoder_decoder_norm_bias", r"^(?=.*(?:encoder|decoder))(?=.*(?:norm|bn|bias)).*$", False, False
+        ),
+    ),
+    # v1 include optimizer.yml (r50vd, r50vd_m). Note `norm.*weight`: the encoder's input_proj BatchNorm
+    # (`input_proj.i.1.weight`) keeps weight decay, as in the official code.
+    "r50vd": (
+        GroupRule("backbone", "backbone", backbone_lr=True, decay=True),
+        GroupRule("encoder_norm_bias", r"^(?=.*encoder(?=.*bias|.*norm.*weight)).*$", False, False),
+        GroupRule("decoder_norm_bias", r"^(?=.*decoder(?=.*bias|.*norm.*weight)).*$", False, False),
+    ),
+    # v1 rtdetr_r101vd_6x_coco.yml: only the backbone group (lr 1e-6), every tensor keeps weight decay
+    "r101vd": (GroupRule("backbone", "backbone", backbone_lr=True, decay=True),),
+}
+_BY_DEPTH = {18: "r18vd", 34: "r34vd", 50: "r50vd", 101: "r101vd"}
+
+
+def group_rules(name: str, model_config: ModelConfig) -> tuple[GroupRule, ...]:
+    """The official rules `name` ('auto': those of the model's backbone depth)."""
+    key = _BY_DEPTH[model_config.depth] if name == "auto" else name
+    if key not in OFFICIAL_GROUPS:
+        raise ValueError(f"unknown param_groups '{name}'; choose 'auto' or one of {', '.join(OFFICIAL_GROUPS)}")
+    return OFFICIAL_GROUPS[key]
+
+
+def param_groups(
+    model: nn.Module, rules: tuple[GroupRule, ...], lr: float, backbone_lr: float, weight_decay: float
+) -> list[dict]:
+    """AdamW groups [{name, params, lr, weight_decay}] over the trainable parameters, rule order, then the
+    default group; empty groups are left out. A parameter matched by two rules raises (the official code
+    would hand it to AdamW twice)."""
+    chosen: dict[str, list[tuple[str, nn.Parameter]]] = {rule.name: [] for rule in rules}
+    default: list[tuple[str, nn.Parameter]] = []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        matches = [rule.name for rule in rules if re.findall(rule.pattern, name)]
+        if len(matches) > 1:
+            raise ValueError(f"parameter {name} matches several param groups: {matches}")
+        (chosen[matches[0]] if matches else default).append((name, param))
+    groups = []
+    for rule in rules:
+        groups.append(
+            {"name": rule.name, "params": chosen[rule.name], "lr": backbone_lr if rule.backbone_lr else lr,
+             "weight_decay": weight_decay if rule.decay else 0.0}
+        )  # fmt: skip
+    groups.append({"name": "default", "params": default, "lr": lr, "weight_decay": weight_decay})
+    return [
+        {**g, "params": [p for _, p in g["params"]], "param_names": [n for n, _ in g["params"]]}
+        for g in groups if g["params"]
+    ]  # fmt: skip
+
+
+def build_optimizer(model: nn.Module, model_config: ModelConfig, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the official parameter groups of `config.param_groups`."""
+    rules = group_rules(config.param_groups, model_config)
+    groups = param_groups(model, rules, config.lr, config.backbone_lr, config.weight_decay)
+    return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay)
+
+
+class LRSchedule:
+    """The lr of optimizer step k (0-based) in epoch e: base_lr * min(1, (k + 1) / warmup_steps) *
+    gamma ** (number of milestones <= e), for every group.
+
+    Official v2: `LinearWarmup` per iteration (the factor for step 0 applied at construction, `step()` after
+    each optimizer step) and `MultiStepLR` per epoch, whose milestone (1000) never fires within the published
+    schedules, so the official lr is constant after warmup (milestones=()).
+    """
+
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, warmup_steps: int, milestones: tuple[int, ...] = (), gamma: float = 0.1
+    ) -> None:
+        self.optimizer = optimizer
+        self.warmup_steps = warmup_steps
+        self.milestones, self.gamma = tuple(milestones), gamma
+        self.base_lrs = [group["lr"] for group in optimizer.param_groups]
+        self.last_step = self.epoch = 0
+        self._apply()
+
+    def factor(self) -> float:
+        warmup = 1.0 if self.warmup_steps <= 0 else min(1.0, (self.last_step + 1) / self.warmup_steps)
+        return warmup * self.gamma ** sum(self.epoch >= m for m in self.milestones)
+
+    def step(self) -> None:
+        """After each optimizer step."""
+        self.last_step += 1
+        self._apply()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Before each epoch."""
+        self.epoch = epoch
+        self._apply()
+
+    def _apply(self) -> None:
+        factor = self.factor()
+        for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base_lr * factor
+
+    def state_dict(self) -> dict:
+        return {"warmup_steps": self.warmup_steps, "milestones": list(self.milestones), "gamma": self.gamma,
+                "base_lrs": list(self.base_lrs), "last_step": self.last_step, "epoch": self.epoch}  # fmt: skip
+
+    def load_state_dict(self, state: dict) -> None:
+        self.warmup_steps, self.gamma = state["warmup_steps"], state["gamma"]
+        self.milestones = tuple(state["milestones"])
+        self.base_lrs, self.last_step, self.epoch = state["base_lrs"], state["last_step"], state["epoch"]
+        self._apply()
