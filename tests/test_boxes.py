@@ -11,6 +11,8 @@ from rtdetr.ops.boxes import (
     box_xyxy_to_cxcywh,
     generalized_box_iou,
     inverse_sigmoid,
+    paired_box_iou,
+    paired_generalized_box_iou,
 )
 
 
@@ -82,3 +84,14 @@ def test_inverse_sigmoid_inverts_sigmoid_and_custom_eps():
     torch.testing.assert_close(torch.sigmoid(inverse_sigmoid(p)), p, atol=1e-6, rtol=0)
     assert inverse_sigmoid(torch.tensor([0.0]), eps=1e-3).item() == pytest.approx(math.log(1e-3), abs=1e-5)
     assert inverse_sigmoid(torch.tensor([0.2])).item() == pytest.approx(math.log(0.2 / 0.8), abs=1e-6)
+
+
+def test_paired_iou_and_giou_equal_the_pairwise_diagonal():
+    g = torch.Generator().manual_seed(0)
+    xy = torch.rand(50, 2, generator=g)
+    a = torch.cat([xy, xy + torch.rand(50, 2, generator=g)], dim=1)
+    xy = torch.rand(50, 2, generator=g)
+    b = torch.cat([xy, xy + torch.rand(50, 2, generator=g)], dim=1)
+    assert torch.equal(paired_box_iou(a, b), torch.diag(box_iou(a, b)[0]))
+    assert torch.equal(paired_generalized_box_iou(a, b), torch.diag(generalized_box_iou(a, b)))
+    assert (paired_box_iou(a, b) > 0).any() and (paired_generalized_box_iou(a, b) < 0).any()  # both regimes seen

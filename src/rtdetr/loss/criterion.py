@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.boxes import box_cxcywh_to_xyxy, box_iou, generalized_box_iou
+from ..ops.boxes import box_cxcywh_to_xyxy, paired_box_iou, paired_generalized_box_iou
 from .matcher import HungarianMatcher, MatchIndices
 
 OFFICIAL_WEIGHTS = {"loss_vfl": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}
@@ -66,7 +66,7 @@ def varifocal_loss(
     batch_idx, query_idx = flat_prediction_index(indices)
     gt_labels, gt_boxes = matched_targets(targets, indices)
     pred_boxes = boxes[batch_idx, query_idx].detach()
-    iou = torch.diag(box_iou(box_cxcywh_to_xyxy(pred_boxes), box_cxcywh_to_xyxy(gt_boxes))[0])
+    iou = paired_box_iou(box_cxcywh_to_xyxy(pred_boxes), box_cxcywh_to_xyxy(gt_boxes))
 
     target = torch.zeros_like(logits)
     target[batch_idx, query_idx, gt_labels] = 1.0
@@ -85,7 +85,7 @@ def box_losses(
     batch_idx, query_idx = flat_prediction_index(indices)
     _, gt_boxes = matched_targets(targets, indices)
     pred_boxes = boxes[batch_idx, query_idx]
-    giou = torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(pred_boxes), box_cxcywh_to_xyxy(gt_boxes)))
+    giou = paired_generalized_box_iou(box_cxcywh_to_xyxy(pred_boxes), box_cxcywh_to_xyxy(gt_boxes))
     return {
         "loss_bbox": F.l1_loss(pred_boxes, gt_boxes, reduction="none").sum() / num_boxes,
         "loss_giou": (1 - giou).sum() / num_boxes,

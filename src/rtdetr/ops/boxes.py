@@ -26,20 +26,39 @@ def box_area(boxes: Tensor) -> Tensor:
     return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
 
 
-def box_iou(boxes1: Tensor, boxes2: Tensor) -> tuple[Tensor, Tensor]:
-    """Pairwise IoU and union of xyxy boxes [N,4] x [M,4] -> ([N,M], [N,M])."""
-    area1, area2 = box_area(boxes1), box_area(boxes2)
-    lt = torch.max(boxes1[:, None, :2], boxes2[None, :, :2])
-    rb = torch.min(boxes1[:, None, 2:], boxes2[None, :, 2:])
+def _iou_and_union(boxes1: Tensor, boxes2: Tensor) -> tuple[Tensor, Tensor]:
+    """IoU and union of xyxy boxes broadcast against each other ([..., 4] x [..., 4] -> [...])."""
+    lt = torch.max(boxes1[..., :2], boxes2[..., :2])
+    rb = torch.min(boxes1[..., 2:], boxes2[..., 2:])
     inter = (rb - lt).clamp(min=0).prod(-1)
-    union = area1[:, None] + area2[None, :] - inter
+    union = box_area(boxes1) + box_area(boxes2) - inter
     return inter / union, union
 
 
-def generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
-    """Pairwise generalized IoU (Rezatofighi et al. 2019) of xyxy boxes [N,4] x [M,4] -> [N,M]."""
-    iou, union = box_iou(boxes1, boxes2)
-    lt = torch.min(boxes1[:, None, :2], boxes2[None, :, :2])
-    rb = torch.max(boxes1[:, None, 2:], boxes2[None, :, 2:])
+def _generalized_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """Generalized IoU (Rezatofighi et al. 2019) of xyxy boxes broadcast against each other."""
+    iou, union = _iou_and_union(boxes1, boxes2)
+    lt = torch.min(boxes1[..., :2], boxes2[..., :2])
+    rb = torch.max(boxes1[..., 2:], boxes2[..., 2:])
     hull = (rb - lt).clamp(min=0).prod(-1)
     return iou - (hull - union) / hull
+
+
+def box_iou(boxes1: Tensor, boxes2: Tensor) -> tuple[Tensor, Tensor]:
+    """Pairwise IoU and union of xyxy boxes [N,4] x [M,4] -> ([N,M], [N,M])."""
+    return _iou_and_union(boxes1[:, None], boxes2[None])
+
+
+def generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """Pairwise generalized IoU of xyxy boxes [N,4] x [M,4] -> [N,M]."""
+    return _generalized_iou(boxes1[:, None], boxes2[None])
+
+
+def paired_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """IoU of corresponding xyxy boxes [N,4], [N,4] -> [N]: the diagonal of `box_iou` without the N x N matrix."""
+    return _iou_and_union(boxes1, boxes2)[0]
+
+
+def paired_generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """Generalized IoU of corresponding xyxy boxes [N,4], [N,4] -> [N]."""
+    return _generalized_iou(boxes1, boxes2)
