@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from ..api import ImageInput, to_model_input
+from ..data.images import ImageInput, to_model_input
 from ..postprocess import Detections
 from .onnx import INPUT_NAMES, OUTPUT_NAMES
 
