@@ -12,13 +12,11 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
 from .config import ModelConfig, config_dict, preset
-from .data.images import ImageInput, load_image, to_model_input  # noqa: F401 (load_image re-exported)
+from .data.images import ImageInput, as_image_list, load_image, to_model_input  # noqa: F401 (load_image re-exported)
 from .engine.checkpoint import atomic_save, model_checkpoint, read_checkpoint
 from .loss.criterion import RTDETRCriterion
 from .models.rtdetr import RTDETRModel
@@ -133,8 +131,7 @@ class RTDETR(RTDETRModel):
         tensors [3, H, W] RGB in [0, 1]. Each is resized to `image_size` (default: the config's, (H, W)),
         ignoring aspect ratio, as in training. At most `max_detections` (query, class) pairs per image.
         """
-        if isinstance(images, (str, Path, Image.Image, np.ndarray, Tensor)):
-            images = [images]
+        images = as_image_list(images)
         size = tuple(image_size or self.config.image_size)
         was_training = self.training
         self.eval()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -11,6 +12,13 @@ from PIL import Image, ImageOps
 from torch import Tensor
 
 ImageInput = str | Path | Image.Image | np.ndarray | Tensor
+
+
+def as_image_list(images: "ImageInput | Sequence[ImageInput]") -> list[ImageInput]:
+    """One image or a sequence of images -> a list of images."""
+    if isinstance(images, (str, Path, Image.Image, np.ndarray, Tensor)):
+        return [images]
+    return list(images)
 
 
 def load_image(path: str | Path) -> Image.Image:

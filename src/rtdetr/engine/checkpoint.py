@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..config import ModelConfig
+from ..config import ModelConfig, config_dict
 from ..convert.huggingface import read_hf_folder
 from ..convert.official import read_official
 from ..data.coco_categories import COCO_CATEGORY_IDS, COCO_CLASS_NAMES
@@ -101,7 +101,7 @@ def model_checkpoint(
     """Our checkpoint dict: weights with the resolved config and class names (plus training state in `extra`)."""
     return {
         "rtdetr_format": FORMAT_VERSION,
-        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.__dict__.items()},
+        "config": config_dict(config),
         "class_names": list(class_names),
         "category_ids": [int(i) for i in category_ids],
         "model": state_dict,

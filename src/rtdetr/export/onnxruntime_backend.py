@@ -12,13 +12,11 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import onnxruntime as ort
 import torch
-from PIL import Image
 from torch import Tensor
 
-from ..data.images import ImageInput, to_model_input
+from ..data.images import ImageInput, as_image_list, to_model_input
 from ..postprocess import Detections
 from .onnx import INPUT_NAMES, OUTPUT_NAMES
 
@@ -64,8 +62,7 @@ class OnnxDetector:
     ) -> list[Detections]:
         """As `RTDETR.predict`: per image, boxes [N, 4] pixel xyxy in the original image, scores, labels
         (dataset category ids) and class names, sorted by score. `image_size` can only be the exported size."""
-        if isinstance(images, (str, Path, Image.Image, np.ndarray, Tensor)):
-            images = [images]
+        images = as_image_list(images)
         if image_size is not None and tuple(image_size) != self.image_size:
             raise ValueError(
                 f"{self.path} was exported for {self.image_size[0]}x{self.image_size[1]} inputs, not "
