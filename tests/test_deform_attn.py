@@ -24,6 +24,13 @@ def bilinear_zero_padded(img: torch.Tensor, x: float, y: float) -> torch.Tensor:
     return out
 
 
+def level_maps(value: torch.Tensor, shapes) -> list[torch.Tensor]:
+    """[B, S, heads, D] (tokens row-major per level) -> per level [B, heads * D, H, W], the core's input."""
+    b = value.shape[0]
+    chunks = value.flatten(2).split([h * w for h, w in shapes], dim=1)
+    return [c.transpose(1, 2).reshape(b, -1, h, w) for c, (h, w) in zip(chunks, shapes)]
+
+
 def naive_core(value, spatial_shapes, locations, weights, num_points):
     """value [B, S, heads, D]; locations [B, Lq, heads, sum(P), 2]; weights [B, Lq, heads, sum(P)]."""
     b, _, heads, d = value.shape
@@ -57,7 +64,7 @@ def test_core_matches_naive_bilinear_loop():
     # Locations partly outside [0, 1] to exercise the zero padding.
     locations = torch.rand(b, lq, heads, sum(POINTS), 2, generator=g, dtype=torch.float64) * 1.4 - 0.2
     weights = torch.rand(b, lq, heads, sum(POINTS), generator=g, dtype=torch.float64)
-    got = deformable_attention_core(value, SHAPES, locations, weights, POINTS)
+    got = deformable_attention_core(level_maps(value, SHAPES), locations, weights, POINTS)
     ref = naive_core(value, SHAPES, locations, weights, POINTS)
     assert got.shape == (b, lq, heads * d)
     assert (got - ref).abs().max().item() < 1e-5
@@ -68,11 +75,11 @@ def test_core_float32_matches_naive_and_exact_pixel_centres():
     value = torch.randn(1, 3 * 5, 1, 2, generator=g)
     # pixel centre of (row 1, col 3) of a 3x5 map: x = (3 + .5) / 5, y = (1 + .5) / 3 -> exactly that pixel
     loc = torch.tensor([(3.5 / 5, 1.5 / 3)]).reshape(1, 1, 1, 1, 2)
-    got = deformable_attention_core(value, [(3, 5)], loc, torch.ones(1, 1, 1, 1), [1])
+    got = deformable_attention_core(level_maps(value, [(3, 5)]), loc, torch.ones(1, 1, 1, 1), [1])
     torch.testing.assert_close(got[0, 0], value[0, 1 * 5 + 3, 0], atol=1e-6, rtol=0)
     # outside by one full pixel -> zero
     far = torch.tensor([(-1.0 / 5, 0.5)]).reshape(1, 1, 1, 1, 2)
-    assert deformable_attention_core(value, [(3, 5)], far, torch.ones(1, 1, 1, 1), [1]).abs().max() == 0
+    assert deformable_attention_core(level_maps(value, [(3, 5)]), far, torch.ones(1, 1, 1, 1), [1]).abs().max() == 0
 
 
 def test_init_bias_layout_ring_of_eight_directions():
@@ -114,13 +121,13 @@ def test_sampling_locations_and_full_forward(monkeypatch):
     captured = {}
     real_core = deform_attn.deformable_attention_core
 
-    def spy(value, shapes, locations, weights, num_points):
-        captured.update(value=value, locations=locations, weights=weights)
-        return real_core(value, shapes, locations, weights, num_points)
+    def spy(values, locations, weights, num_points):
+        captured.update(locations=locations, weights=weights)
+        return real_core(values, locations, weights, num_points)
 
     monkeypatch.setattr(deform_attn, "deformable_attention_core", spy)
     with torch.no_grad():
-        out = module(query, ref, memory, SHAPES)
+        out = module(query, ref, level_maps(memory[:, :, None], SHAPES))
 
         off = module.sampling_offsets(query).reshape(b, lq, 2, 6, 2)
         points = torch.tensor([1, 2, 2, 3, 3, 3], dtype=torch.float32)  # P_l of each point

@@ -156,11 +156,30 @@ def test_csp_rep_layer_by_value():
     layer = CSPRepLayer(8, 8, num_blocks=2, expansion=0.5)
     randomize_batch_norms(layer)
     layer.eval()
-    x = torch.randn(1, 8, 4, 4)
+    first, second = torch.randn(1, 4, 4, 4), torch.randn(1, 4, 4, 4)
+    x = torch.cat([first, second], 1)
     with torch.no_grad():
         x1 = layer.bottlenecks[1](layer.bottlenecks[0](layer.conv1(x)))
         ref = layer.conv3(x1 + layer.conv2(x))
-        torch.testing.assert_close(layer(x), ref)
+        torch.testing.assert_close(layer(first, second), ref)
+
+
+@pytest.mark.parametrize("first_hw", [(3, 5), (6, 10)])  # half size (upsampled inside) and same size
+def test_csp_rep_layer_fuse_equals_unfused(first_hw):
+    torch.manual_seed(0)
+    layer = CSPRepLayer(12, 8, num_blocks=2, expansion=0.5)
+    randomize_batch_norms(layer)
+    layer.eval()
+    first, second = torch.randn(2, 6, *first_hw), torch.randn(2, 6, 6, 10)
+    with torch.no_grad():
+        up = F.interpolate(first, size=(6, 10), mode="nearest")
+        x = torch.cat([up, second], 1)
+        ref = layer.conv3(layer.bottlenecks(layer.conv1(x)) + layer.conv2(x))
+        layer.fuse()
+        assert not hasattr(layer, "conv1") and not hasattr(layer, "conv2")
+        assert layer.conv_first.in_channels == layer.conv_second.in_channels == 6
+        got = layer(first, second)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
 # ---- AIFI + CCFF against a reference written from the facts pseudo-code ----------------------------------
@@ -189,6 +208,10 @@ def reference_aifi(enc: HybridEncoder, s5: torch.Tensor) -> torch.Tensor:
     return src.permute(0, 2, 1).reshape(b, c, h, w)
 
 
+def reference_csp(block: CSPRepLayer, x: torch.Tensor) -> torch.Tensor:
+    return block.conv3(block.bottlenecks(block.conv1(x)) + block.conv2(x))
+
+
 def reference_ccff(enc: HybridEncoder, feats):
     proj = [enc.input_proj[i](f) for i, f in enumerate(feats)]
     proj[2] = reference_aifi(enc, proj[2])
@@ -197,11 +220,11 @@ def reference_ccff(enc: HybridEncoder, feats):
         hi = enc.lateral_convs[2 - idx](inner[0])
         inner[0] = hi
         up = F.interpolate(hi, scale_factor=2.0, mode="nearest")
-        inner.insert(0, enc.fpn_blocks[2 - idx](torch.cat([up, proj[idx - 1]], 1)))
+        inner.insert(0, reference_csp(enc.fpn_blocks[2 - idx], torch.cat([up, proj[idx - 1]], 1)))
     outs = [inner[0]]
     for idx in (0, 1):
         d = enc.downsample_convs[idx](outs[-1])
-        outs.append(enc.pan_blocks[idx](torch.cat([d, inner[idx + 1]], 1)))
+        outs.append(reference_csp(enc.pan_blocks[idx], torch.cat([d, inner[idx + 1]], 1)))
     return outs
 
 

@@ -76,14 +76,13 @@ class TransformerDecoderLayer(nn.Module):
         self,
         tgt: Tensor,
         reference_boxes: Tensor,
-        memory: Tensor,
-        spatial_shapes: list[tuple[int, int]],
+        value_maps: list[Tensor],
         attn_mask: Tensor | None,
         query_pos: Tensor,
     ) -> Tensor:
         q = k = tgt + query_pos
         tgt = self.norm1(tgt + self.self_attn(q, k, value=tgt, attn_mask=attn_mask, need_weights=False)[0])
-        tgt = self.norm2(tgt + self.cross_attn(tgt + query_pos, reference_boxes, memory, spatial_shapes))
+        tgt = self.norm2(tgt + self.cross_attn(tgt + query_pos, reference_boxes, value_maps))
         ffn = self.linear2(F.relu(self.linear1(tgt)))
         # The clamp keeps fp16 finite (official v1).
         return self.norm3((tgt + ffn).clamp(min=-65504, max=65504))
@@ -100,8 +99,7 @@ class TransformerDecoder(nn.Module):
         self,
         tgt: Tensor,
         ref_unact: Tensor,
-        memory: Tensor,
-        spatial_shapes: list[tuple[int, int]],
+        value_maps: list[Tensor],
         bbox_heads: nn.ModuleList,
         score_heads: nn.ModuleList,
         query_pos_head: nn.Module,
@@ -117,7 +115,7 @@ class TransformerDecoder(nn.Module):
         ref = ref_detach
         boxes, logits = [], []
         for i, layer in enumerate(self.layers):
-            tgt = layer(tgt, ref_detach, memory, spatial_shapes, attn_mask, query_pos_head(ref_detach))
+            tgt = layer(tgt, ref_detach, value_maps, attn_mask, query_pos_head(ref_detach))
             delta = bbox_heads[i](tgt)
             refined = torch.sigmoid(delta + inverse_sigmoid(ref_detach))
             if self.training:
@@ -200,11 +198,10 @@ class RTDETRDecoder(nn.Module):
                 self._anchor_cache[key] = (anchors.to(like.dtype), valid)
         return self._anchor_cache[key]
 
-    def flatten_memory(self, feats: list[Tensor]) -> tuple[Tensor, list[tuple[int, int]]]:
-        """Project each level and concatenate the tokens: [B, sum(H*W), hidden], (H, W) per level."""
-        proj = [p(f) for p, f in zip(self.input_proj, feats)]
-        shapes = [(f.shape[2], f.shape[3]) for f in proj]
-        return torch.cat([f.flatten(2).permute(0, 2, 1) for f in proj], dim=1), shapes
+    def flatten_memory(self, maps: list[Tensor]) -> tuple[Tensor, list[tuple[int, int]]]:
+        """Concatenate the tokens of the projected levels: [B, sum(H*W), hidden], (H, W) per level."""
+        shapes = [(f.shape[2], f.shape[3]) for f in maps]
+        return torch.cat([f.flatten(2).permute(0, 2, 1) for f in maps], dim=1), shapes
 
     def query_selection(
         self, memory: Tensor, spatial_shapes: list[tuple[int, int]]
@@ -218,15 +215,18 @@ class RTDETRDecoder(nn.Module):
         memory = valid_mask.to(memory.dtype) * memory  # multiply, not where(): ONNX-friendly (official)
         output_memory = self.enc_output(memory)
         enc_logits = self.enc_score_head(output_memory)
-        enc_coords_unact = self.enc_bbox_head(output_memory) + anchors
         topk_ind = torch.topk(enc_logits.max(-1).values, self.num_queries, dim=1).indices
-        ref_unact = enc_coords_unact.gather(1, topk_ind[..., None].expand(-1, -1, 4))
+        topk_memory = output_memory.gather(1, topk_ind[..., None].expand(-1, -1, output_memory.shape[-1]))
+        # The box head is per token, so it runs on the K selected tokens only: the official code runs it on
+        # every token and gathers afterwards (same values and gradients, 2.2 GFLOPs more for r18vd at 640 px).
+        topk_anchors = anchors.expand(memory.shape[0], -1, -1).gather(1, topk_ind[..., None].expand(-1, -1, 4))
+        ref_unact = self.enc_bbox_head(topk_memory) + topk_anchors
         topk_logits = enc_logits.gather(1, topk_ind[..., None].expand(-1, -1, enc_logits.shape[-1]))
-        queries = output_memory.gather(1, topk_ind[..., None].expand(-1, -1, output_memory.shape[-1])).detach()
-        return queries, ref_unact, topk_logits, torch.sigmoid(ref_unact)
+        return topk_memory.detach(), ref_unact, topk_logits, torch.sigmoid(ref_unact)
 
     def forward(self, feats: list[Tensor], targets: list[dict[str, Tensor]] | None = None) -> dict:
-        memory, spatial_shapes = self.flatten_memory(feats)
+        maps = [p(f) for p, f in zip(self.input_proj, feats)]  # the memory per level: the decoder's values
+        memory, spatial_shapes = self.flatten_memory(maps)
         queries, ref_unact, enc_logits, enc_boxes = self.query_selection(memory, spatial_shapes)
 
         dn: DenoisingGroups | None = None
@@ -240,7 +240,7 @@ class RTDETRDecoder(nn.Module):
             ref_unact = torch.cat([dn.boxes_unact, ref_unact], dim=1)
 
         boxes, logits = self.decoder(
-            queries, ref_unact.detach(), memory, spatial_shapes, self.dec_bbox_head, self.dec_score_head,
+            queries, ref_unact.detach(), maps, self.dec_bbox_head, self.dec_score_head,
             self.query_pos_head, dn.attn_mask if dn is not None else None, self.eval_idx,
         )  # fmt: skip
         if not self.training:

@@ -84,13 +84,14 @@ class RepVggBlock(nn.Module):
 
     @torch.no_grad()
     def fuse(self) -> None:
-        """Add `self.conv`, the single 3x3 conv equal to both branches (the official `convert_to_deploy`)."""
+        """Replace both branches by `self.conv`, the single 3x3 conv equal to them (the official `convert_to_deploy`)."""
         w3, b3 = fold_batch_norm(self.conv1.conv, self.conv1.norm)
         w1, b1 = fold_batch_norm(self.conv2.conv, self.conv2.norm)
         self.conv = nn.Conv2d(w3.shape[1], w3.shape[0], 3, 1, padding=1, bias=True)
         self.conv.weight.copy_(w3 + F.pad(w1, [1, 1, 1, 1]))
         self.conv.bias.copy_(b3 + b1)
         self.to(device=w3.device, dtype=w3.dtype)
+        del self.conv1, self.conv2
 
 
 def fold_batch_norm(conv: nn.Conv2d, norm: nn.Module) -> tuple[Tensor, Tensor]:
@@ -102,7 +103,8 @@ def fold_batch_norm(conv: nn.Conv2d, norm: nn.Module) -> tuple[Tensor, Tensor]:
 
 
 class CSPRepLayer(nn.Module):
-    """Cross-stage-partial fusion block: conv3(RepVGG^n(conv1(x)) + conv2(x)), conv3 only when expansion < 1."""
+    """Cross-stage-partial fusion block on cat([first, second]): conv3(RepVGG^n(conv1(x)) + conv2(x)),
+    conv3 only when expansion < 1. `first` may be half `second`'s size: it is upsampled 2x (nearest) first."""
 
     def __init__(self, ch_in: int, ch_out: int, num_blocks: int, expansion: float) -> None:
         super().__init__()
@@ -112,8 +114,34 @@ class CSPRepLayer(nn.Module):
         self.bottlenecks = nn.Sequential(*[RepVggBlock(hidden, hidden) for _ in range(num_blocks)])
         self.conv3 = ConvNormLayer(hidden, ch_out, 1, 1, act=nn.SiLU(inplace=True)) if hidden != ch_out else nn.Identity()
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv3(self.bottlenecks(self.conv1(x)) + self.conv2(x))
+    def forward(self, first: Tensor, second: Tensor) -> Tensor:
+        upsample = first.shape[-2:] != second.shape[-2:]
+        if hasattr(self, "conv_first"):  # fused (deploy)
+            y = self.conv_first(first)
+            y = self.conv_second(second) + (F.interpolate(y, scale_factor=2.0, mode="nearest") if upsample else y)
+            x1, x2 = F.silu(y, inplace=True).chunk(2, dim=1)
+        else:
+            if upsample:
+                first = F.interpolate(first, scale_factor=2.0, mode="nearest")
+            x = torch.cat([first, second], dim=1)
+            x1, x2 = self.conv1(x), self.conv2(x)
+        return self.conv3(self.bottlenecks(x1) + x2)
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        """Replace conv1 and conv2 (BatchNorm folded) by one 1x1 conv per input part, `conv_first` and
+        `conv_second`, each giving both branches' pre-activations: no concatenation, and as a 1x1 conv
+        commutes with nearest upsampling, `first`'s part runs at `first`'s own (coarser) resolution."""
+        folded = [fold_batch_norm(c.conv, c.norm) for c in (self.conv1, self.conv2)]
+        weight = torch.cat([w for w, _ in folded])
+        split = weight.shape[1] // 2
+        self.conv_first = nn.Conv2d(split, weight.shape[0], 1, bias=False)
+        self.conv_second = nn.Conv2d(weight.shape[1] - split, weight.shape[0], 1)
+        self.conv_first.weight.copy_(weight[:, :split])
+        self.conv_second.weight.copy_(weight[:, split:])
+        self.conv_second.bias.copy_(torch.cat([b for _, b in folded]))
+        self.to(device=weight.device, dtype=weight.dtype)
+        del self.conv1, self.conv2
 
 
 class HybridEncoder(nn.Module):
@@ -180,12 +208,11 @@ class HybridEncoder(nn.Module):
         for k in range(levels - 1):
             top = self.lateral_convs[k](inner[0])
             inner[0] = top
-            up = F.interpolate(top, scale_factor=2.0, mode="nearest")
-            inner.insert(0, self.fpn_blocks[k](torch.cat([up, proj[levels - 2 - k]], dim=1)))
+            inner.insert(0, self.fpn_blocks[k](top, proj[levels - 2 - k]))  # top upsampled 2x inside
 
         # Bottom-up PAN.
         outs = [inner[0]]
         for k in range(levels - 1):
             down = self.downsample_convs[k](outs[-1])
-            outs.append(self.pan_blocks[k](torch.cat([down, inner[k + 1]], dim=1)))
+            outs.append(self.pan_blocks[k](down, inner[k + 1]))
         return outs

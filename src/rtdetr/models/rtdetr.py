@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from ..config import ModelConfig
 from .backbone import FrozenBatchNorm2d, PResNet
 from .decoder import RTDETRDecoder
-from .hybrid_encoder import HybridEncoder, RepVggBlock, fold_batch_norm
+from .hybrid_encoder import CSPRepLayer, HybridEncoder, RepVggBlock, fold_batch_norm
 
 
 class RTDETRModel(nn.Module):
@@ -55,13 +55,13 @@ class RTDETRModel(nn.Module):
     @torch.no_grad()
     def deploy(self) -> "RTDETRModel":
         """Switch to eval and re-parameterise for inference, in place: every RepVGG block becomes one 3x3 conv,
-        the BatchNorm after each remaining conv is folded into it, and conv weights go channels-last.
+        each CSP block's two input convs become one per input part (no concatenation), the BatchNorm after each
+        remaining conv is folded into it, and conv weights go channels-last.
         Outputs are unchanged."""
         self.eval()
-        for module in self.modules():
-            if isinstance(module, RepVggBlock):
+        for module in list(self.modules()):
+            if isinstance(module, (RepVggBlock, CSPRepLayer)):
                 module.fuse()
-                del module.conv1, module.conv2
         fold_conv_batch_norms(self)
         # NHWC conv weights make oneDNN run the convolutions channels-last: ~15% faster on CPU (r18vd, 640 px).
         return self.to(memory_format=torch.channels_last)
