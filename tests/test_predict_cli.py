@@ -187,3 +187,38 @@ def test_onnx_weights_refuse_decoder_layers_and_other_sizes(tmp_path, onnx_file)
         load_detector(onnx_file, num_decoder_layers=1)
     assert main(["predict", str(sample_image_path()), "--weights", str(onnx_file), "--img-size", "640",
                  "--output", str(tmp_path / "out")]) == 2  # fmt: skip
+
+
+def test_bf16_autocast_runs_the_network_in_bf16(tmp_path, checkpoint, monkeypatch):
+    seen = []
+    forward = RTDETRModel.forward
+
+    def spy(self, images, targets=None):
+        out = forward(self, images, targets)
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), out["pred_boxes"].dtype))
+        return out
+
+    monkeypatch.setattr(RTDETRModel, "forward", spy)
+    records = run_predict(tmp_path, str(sample_image_path()), "--weights", str(checkpoint), "--amp", "bf16",
+                          "--score-threshold", "0", "--max-detections", "5")  # fmt: skip
+    assert seen == [(True, torch.bfloat16, torch.bfloat16)]
+    boxes = [d["box_xyxy"] for d in records["images"][0]["detections"]]
+    assert len(boxes) == 5 and all(0 <= v <= 640 for box in boxes for v in box)  # fp32 post-processing
+
+
+def test_bf16_features_are_close_to_fp32(checkpoint):
+    model = load_detector(checkpoint)
+    image = torch.rand(1, 3, 320, 320, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        reference = model.encoder(model.backbone(image))
+        with torch.autocast("cpu", torch.bfloat16):
+            low = model.encoder(model.backbone(image))
+    for ref, got in zip(reference, low):
+        error = (got.float() - ref).norm() / ref.norm()
+        # bf16 rounds each op to 2^-9 relative; ~20 layers of random weights compound that to a few % (0.06 here)
+        assert got.dtype == torch.bfloat16 and 0 < error < 0.1, error
+
+
+def test_onnx_weights_refuse_autocast(tmp_path, onnx_file):
+    with pytest.raises(ValueError, match="runs as exported"):
+        load_detector(onnx_file).predict(sample_image_path(), amp="bf16")

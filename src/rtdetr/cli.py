@@ -21,7 +21,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .api import RTDETR, load_image
-from .config import PRESETS
+from .config import AMP_MODES, PRESETS
 from .export.benchmark import benchmark_model, format_table
 from .export.onnx import ExportCheckError, check_onnx, export_onnx
 from .export.onnxruntime_backend import OnnxDetector
@@ -60,6 +60,8 @@ def add_model_arguments(p: argparse.ArgumentParser, device: bool = True) -> None
     p.add_argument("--decoder-layers", type=int, help="decoder layers used at inference (speed knob, no retraining)")
     if device:
         p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:i")
+        p.add_argument("--amp", default="off", choices=AMP_MODES,
+                       help="run the PyTorch network under autocast: bf16 (CPUs with AMX/AVX512-BF16, CUDA) or fp16 (CUDA)")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------- predict
@@ -121,7 +123,9 @@ def predict_images(
                 tqdm.write(f"skipped: {error}")
         images = [image for _, image in batch]
         batch_size = max(1, len(images))  # a batch of unreadable files leaves nothing to predict
-        dets = detector.predict(images, args.score_threshold, args.img_size, batch_size, args.max_detections)
+        dets = detector.predict(
+            images, args.score_threshold, args.img_size, batch_size, args.max_detections, amp=args.amp
+        )
         for (path, image), det in zip(batch, dets):
             image_id = len(records) + 1
             annotated = unique_output(Path(args.output), path, ".jpg", used)
@@ -153,7 +157,9 @@ def predict_video(detector: RTDETR | OnnxDetector, path: Path, args: argparse.Na
             raise ValueError(f"cannot write {annotated} ({width}x{height} mp4v): is OpenCV built with FFmpeg?")
         with tqdm(total=total, desc=path.name, unit="frame") as progress:
             while frames := read_frames(capture, args.batch_size):
-                dets = detector.predict(frames, args.score_threshold, args.img_size, len(frames), args.max_detections)
+                dets = detector.predict(
+                    frames, args.score_threshold, args.img_size, len(frames), args.max_detections, amp=args.amp
+                )
                 for frame, det in zip(frames, dets):
                     drawn = np.asarray(draw_detections(Image.fromarray(frame), det))
                     writer.write(cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
@@ -252,7 +258,7 @@ def bench(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     model = pytorch_model(args, device=args.device)
     size = args.img_size or tuple(model.config.image_size)
-    result = benchmark_model(model, size, args.batch_size, args.device, args.runs, args.warmup)
+    result = benchmark_model(model, size, args.batch_size, args.device, args.runs, args.warmup, amp=args.amp)
     print(format_table(result))
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)

@@ -8,8 +8,11 @@ Values follow the official v1 configs (lyuwenyu/RT-DETR, `rtdetr_pytorch/configs
 from __future__ import annotations
 
 import dataclasses
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 
 @dataclass
@@ -85,6 +88,15 @@ class ModelConfig:
 
 
 AMP_MODES = ("off", "bf16", "fp16")
+
+
+def autocast(device: torch.device | str, amp: str) -> AbstractContextManager:
+    """The forward-pass autocast context of an `amp` mode ('off', 'bf16', 'fp16'), for training and inference."""
+    if amp not in AMP_MODES:
+        raise ValueError(f"amp must be one of {AMP_MODES}, got {amp!r}")
+    if amp == "off":
+        return nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
 @dataclass

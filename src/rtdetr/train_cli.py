@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import PRESETS
+from .config import AMP_MODES, PRESETS
 
 # The demo: rtdetr_tiny (backbone widened to 32..256 channels) from scratch on synthetic shapes at 160 px.
 # Measured on the 2 CPU cores (`rtdetr demo`, 2026-11-25): 1750 steps, 10.0 min of training including the
@@ -80,7 +80,7 @@ def run_eval(args: argparse.Namespace) -> int:
     size = (args.img_size, args.img_size) if args.img_size else None
     evaluate(
         args.weights, args.data, args.split, args.output, ann_file=args.ann, image_dir=args.images, image_size=size,
-        batch_size=args.batch_size, device=args.device or "auto",
+        batch_size=args.batch_size, device=args.device or "auto", amp=args.amp,
     )  # fmt: skip
     print(f"wrote {Path(args.output) / 'metrics.json'} and {Path(args.output) / 'predictions.json'}")
     return 0
@@ -153,6 +153,7 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--img-size", type=int, help="square input size (default: the model's)")
     e.add_argument("--batch-size", type=int, default=32)
     e.add_argument("--device", default="auto")
+    e.add_argument("--amp", default="off", choices=AMP_MODES, help="forward under autocast (bf16 on CPU or CUDA)")
     e.add_argument("--output", default="runs/eval", help="writes metrics.json and predictions.json here")
     e.set_defaults(func=run_eval)
 

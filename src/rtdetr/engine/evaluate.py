@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -16,6 +15,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from ..api import RTDETR
+from ..config import autocast
 from ..data.coco import BatchCollator, CocoDetection, find_split
 from ..data.transforms import eval_transforms
 from ..postprocess import postprocess
@@ -23,13 +23,6 @@ from .distributed import Process, cleanup_distributed, init_distributed
 from .evaluator import CocoEvaluator
 
 logger = logging.getLogger(__name__)
-
-
-def autocast(device: torch.device, amp: str):
-    """The forward-pass autocast context of an `amp` mode ('off', 'bf16', 'fp16')."""
-    if amp == "off":
-        return nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
 def eval_loader(dataset: CocoDetection, batch_size: int, num_workers: int, process: Process) -> DataLoader:
@@ -86,6 +79,7 @@ def evaluate(
     batch_size: int = 32,
     num_workers: int = 2,
     device: str = "auto",
+    amp: str = "off",
     verbose: bool = True,
 ) -> dict:
     """COCO box metrics of a checkpoint (or model) on a split of a COCO/Roboflow dataset folder `data`
@@ -94,6 +88,7 @@ def evaluate(
     Returns {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "per_class"} (on every
     process). With `output`, writes output/metrics.json and output/predictions.json (COCO results with the
     dataset's own image and category ids). Images are resized to `image_size` (H, W), default the model's.
+    amp: 'bf16' / 'fp16' run the forward under autocast (e.g. to measure bf16 inference accuracy).
     """
     process = init_distributed(device)
     try:
@@ -107,7 +102,7 @@ def evaluate(
         check_categories(model, dataset)
         evaluator = CocoEvaluator(dataset.ann_file, dataset.class_names)
         loader = eval_loader(dataset, batch_size, num_workers, process)
-        metrics = evaluate_model(model, loader, evaluator, process)
+        metrics = evaluate_model(model, loader, evaluator, process, amp)
         if process.is_main:
             if verbose:
                 print(f"{dataset.ann_file}: {len(dataset)} images\n{evaluator.table()}")

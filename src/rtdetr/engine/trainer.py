@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..api import RTDETR
-from ..config import ModelConfig, TrainConfig, check_overrides, config_dict, preset
+from ..config import ModelConfig, TrainConfig, autocast, check_overrides, config_dict, preset
 from ..data.coco import BatchCollator, CocoDetection, find_split
 from ..data.transforms import eval_transforms, train_transforms
 from .checkpoint import atomic_save, model_checkpoint, read_checkpoint, torch_load
@@ -45,7 +45,7 @@ from .distributed import (
     unwrap, wrap_model,
 )  # fmt: skip
 from .ema import ModelEMA
-from .evaluate import autocast, eval_loader, evaluate_model
+from .evaluate import eval_loader, evaluate_model
 from .evaluator import CocoEvaluator
 from .optim import LRSchedule, build_optimizer
 

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..config import autocast
 from .onnx import DeployedDetector, deployed_copy, export_onnx, matched_max_diff
 from .onnxruntime_backend import providers_for
 
@@ -101,11 +102,13 @@ def benchmark_model(
     runs: int = 10,
     warmup: int = 2,
     onnx_path: str | Path | None = None,
+    amp: str = "off",
 ) -> dict[str, Any]:
     """Params, GFLOPs, latency of eager / deploy / ONNX Runtime, and their matched output differences.
 
     `model` should already be on `device`; it is switched to eval. The ONNX model is exported to `onnx_path`
-    (default: a temporary file). Returns a JSON-ready dict.
+    (default: a temporary file). amp 'bf16' / 'fp16' adds deploy mode under that autocast. Returns a
+    JSON-ready dict.
     """
     images = torch.rand(batch_size, 3, *image_size, generator=torch.Generator().manual_seed(0))
     sizes = torch.tensor([[image_size[1], image_size[0]]] * batch_size)
@@ -121,6 +124,8 @@ def benchmark_model(
         "pytorch_deploy": lambda: deployed(x, s),
         "onnxruntime": lambda: session.run(None, feeds),
     }
+    if amp != "off":
+        candidates[f"pytorch_deploy_{amp}"] = lambda: run_autocast(deployed, x, s, amp)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     with torch.inference_mode():
         reference = [t.cpu() for t in eager(x, s)]
@@ -128,6 +133,9 @@ def benchmark_model(
             "pytorch_deploy": _max_diffs(reference, [t.cpu() for t in deployed(x, s)], image_size),
             "onnxruntime": _max_diffs(reference, [torch.from_numpy(a) for a in session.run(None, feeds)], image_size),
         }
+        if amp != "off":
+            got = [t.float().cpu() for t in run_autocast(deployed, x, s, amp)]
+            diffs[f"pytorch_deploy_{amp}"] = _max_diffs(reference, got, image_size)
         timings = time_interleaved(candidates, runs, warmup, sync)
     return {
         "model": model.describe(),
@@ -141,6 +149,11 @@ def benchmark_model(
         "latency": {name: t.summary() for name, t in timings.items()},
         "max_diff_vs_eager": diffs,
     }
+
+
+def run_autocast(detector: nn.Module, images: torch.Tensor, sizes: torch.Tensor, amp: str) -> Any:
+    with autocast(images.device, amp):
+        return detector(images, sizes)
 
 
 def _max_diffs(reference: list[torch.Tensor], got: list[torch.Tensor], image_size: tuple[int, int]) -> dict[str, float]:

@@ -59,9 +59,13 @@ class OnnxDetector:
         image_size: tuple[int, int] | None = None,
         batch_size: int = 8,
         max_detections: int = 300,
+        amp: str = "off",
     ) -> list[Detections]:
         """As `RTDETR.predict`: per image, boxes [N, 4] pixel xyxy in the original image, scores, labels
-        (dataset category ids) and class names, sorted by score. `image_size` can only be the exported size."""
+        (dataset category ids) and class names, sorted by score. `image_size` can only be the exported size,
+        `amp` only 'off' (the graph's precision is fixed at export)."""
+        if amp != "off":
+            raise ValueError(f"{self.path}: amp={amp!r} applies to PyTorch weights; an ONNX graph runs as exported")
         images = as_image_list(images)
         if image_size is not None and tuple(image_size) != self.image_size:
             raise ValueError(
