@@ -210,13 +210,16 @@ def test_bf16_features_are_close_to_fp32(checkpoint):
     model = load_detector(checkpoint)
     image = torch.rand(1, 3, 320, 320, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        reference = model.encoder(model.backbone(image))
+        reference = model.backbone(image)
+        reference += model.encoder(reference)
         with torch.autocast("cpu", torch.bfloat16):
-            low = model.encoder(model.backbone(image))
-    for ref, got in zip(reference, low):
-        error = (got.float() - ref).norm() / ref.norm()
-        # bf16 rounds each op to 2^-9 relative; ~20 layers of random weights compound that to a few % (0.06 here)
-        assert got.dtype == torch.bfloat16 and 0 < error < 0.1, error
+            low = model.backbone(image)
+            low += model.encoder(low)
+    errors = [((got.float() - ref).norm() / ref.norm()).item() for ref, got in zip(reference, low)]
+    assert all(got.dtype == torch.bfloat16 for got in low)
+    # bf16 rounds every op to ~2^-9 relative; the error compounds with depth on random weights: 2.5% after the
+    # backbone's first 7 convs, 11% at the encoder's last output (fp32 everywhere would give 0).
+    assert 0 < errors[0] < 0.05 and max(errors) < 0.25, errors
 
 
 def test_onnx_weights_refuse_autocast(tmp_path, onnx_file):
