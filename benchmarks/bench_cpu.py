@@ -2,6 +2,7 @@
 Runtime), same weights, batch 1, fp32, plus the machine's conv roof and a per-component profile.
 
     python3 benchmarks/bench_cpu.py --presets rtdetr_r18vd rtdetr_r50vd --runs 10 --json bench_cpu.json
+    python3 benchmarks/bench_cpu.py --amp bf16 ...   # adds deploy mode under bf16 autocast (AMX / AVX512-BF16)
 
 On a shared machine use --threads 1 unless it is idle: with as many OpenMP threads as cores, one busy core
 elsewhere makes every parallel region wait for the descheduled thread (measured here: r18vd deploy 0.59 s
@@ -35,7 +36,14 @@ import rtdetr.models.deform_attn as deform_attn
 from rtdetr import RTDETR
 from rtdetr.api import to_model_input
 from rtdetr.convert.huggingface import hf_config_from_model_config, official_to_hf
-from rtdetr.export.benchmark import FLOPS_NOTE, count_flops, count_parameters, ort_session, time_interleaved
+from rtdetr.export.benchmark import (
+    FLOPS_NOTE,
+    count_flops,
+    count_parameters,
+    ort_session,
+    run_autocast,
+    time_interleaved,
+)
 from rtdetr.export.onnx import DeployedDetector, deployed_copy, export_onnx, matched_max_diff, sample_image
 from rtdetr.models.backbone import FrozenBatchNorm2d
 from rtdetr.postprocess import topk_detections
@@ -111,8 +119,11 @@ def export_hf_onnx(detector: HFDetector, path: Path, size: int) -> Path:
     return path
 
 
-def build_backends(model: RTDETR, size: int, folder: Path) -> dict[str, Callable[[Tensor, Tensor], Detections3]]:
-    """The five backends, each a function (images, orig_sizes) -> (labels, boxes, scores)."""
+def build_backends(
+    model: RTDETR, size: int, folder: Path, amp: str = "off"
+) -> dict[str, Callable[[Tensor, Tensor], Detections3]]:
+    """The five backends (six with `amp`: deploy mode under autocast), each a function
+    (images, orig_sizes) -> (labels, boxes, scores)."""
     ours_onnx = ort_session(export_onnx(model, folder / "ours.onnx", (size, size), check=False))
     # eval() on the wrapper itself: torch.onnx.export restores the wrapper's mode recursively afterwards, and a
     # wrapper left in train mode would switch the HF model inside it to train mode (BatchNorm updating its stats).
@@ -126,13 +137,17 @@ def build_backends(model: RTDETR, size: int, folder: Path) -> dict[str, Callable
 
         return run
 
-    return {
+    deployed = DeployedDetector(deployed_copy(model)).eval()
+    backends = {
         "ours_eager": DeployedDetector(model).eval(),
-        "ours_deploy": DeployedDetector(deployed_copy(model)).eval(),
+        "ours_deploy": deployed,
         "ours_onnxruntime": run_session(ours_onnx),
         "hf_eager": hf,
         "hf_onnxruntime": run_session(hf_onnx),
     }
+    if amp != "off":
+        backends[f"ours_deploy_{amp}"] = lambda x, s: tuple(t.float() for t in run_autocast(deployed, x, s, amp))
+    return backends
 
 
 def check_outputs(backends: dict[str, Callable], x: Tensor, sizes: Tensor, scale: float) -> dict[str, dict[str, float]]:
@@ -182,7 +197,7 @@ def component_profile(model: RTDETR, x: Tensor, runs: int) -> dict[str, Any]:
     return {"core_calls_per_forward": len(calls), **{k: t.summary() for k, t in timings.items()}}
 
 
-def bench_preset(preset: str, size: int, runs: int, warmup: int, conv_gflops: float) -> dict[str, Any]:
+def bench_preset(preset: str, size: int, runs: int, warmup: int, conv_gflops: float, amp: str) -> dict[str, Any]:
     torch.manual_seed(0)
     model = RTDETR.from_preset(preset).eval()
     image, (width, height) = to_model_input(sample_image(), (size, size))
@@ -190,7 +205,7 @@ def bench_preset(preset: str, size: int, runs: int, warmup: int, conv_gflops: fl
     calibrate_norms(model, x)
     flops = count_flops(model, x)
     with tempfile.TemporaryDirectory() as tmp:
-        backends = build_backends(model, size, Path(tmp))
+        backends = build_backends(model, size, Path(tmp), amp)
         diffs = check_outputs(backends, x, sizes, float(max(width, height)))
     with torch.inference_mode():
         timings = time_interleaved({name: (lambda fn=fn: fn(x, sizes)) for name, fn in backends.items()}, runs, warmup)
@@ -232,6 +247,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, help="threads for torch and ONNX Runtime (default: torch's)")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--amp", default="off", choices=["off", "bf16"], help="also time deploy mode under autocast")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -241,7 +257,7 @@ def main() -> None:
     conv_gflops = conv_throughput()
     print(json.dumps(info))
     print(f"3x3 conv throughput: {conv_gflops:.0f} GFLOP/s (best of 10; {FLOPS_NOTE})")
-    results = [bench_preset(p, args.size, args.runs, args.warmup, conv_gflops) for p in args.presets]
+    results = [bench_preset(p, args.size, args.runs, args.warmup, conv_gflops, args.amp) for p in args.presets]
     for r in results:
         print_result(r)
     load_after = os.getloadavg()

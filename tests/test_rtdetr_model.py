@@ -66,8 +66,15 @@ def test_deploy_keeps_eval_outputs():
     for block in blocks:
         assert not hasattr(block, "conv1") and not hasattr(block, "conv2")
         assert isinstance(block.conv, nn.Conv2d) and block.conv.bias is not None
+    for csp in [*model.encoder.fpn_blocks, *model.encoder.pan_blocks]:
+        assert not hasattr(csp, "conv1") and csp.conv_first.out_channels == csp.conv_second.out_channels
     # deploy promises every BatchNorm folded into its conv
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    # a second deploy() changes nothing
+    with torch.no_grad():
+        again = model.deploy()(x)
+    for key in ("pred_logits", "pred_boxes"):
+        assert torch.equal(again[key], after[key]), key
 
 
 def test_deploy_keeps_dtype():

@@ -28,6 +28,7 @@ from .onnxruntime_backend import providers_for
 if TYPE_CHECKING:
     from ..api import RTDETR
 
+PAUSE_S = 0.05  # idle seconds before each timed call (see `time_interleaved`)
 FLOPS_NOTE = "FLOPs = 2 x multiply-adds, counted by torch.utils.flop_counter.FlopCounterMode (convs and matmuls)"
 
 
@@ -62,15 +63,26 @@ def count_flops(model: nn.Module, images: torch.Tensor) -> int:
 
 
 def time_interleaved(
-    candidates: dict[str, Callable[[], Any]], runs: int, warmup: int = 2, synchronize: Callable[[], None] = lambda: None
+    candidates: dict[str, Callable[[], Any]],
+    runs: int,
+    warmup: int = 2,
+    synchronize: Callable[[], None] = lambda: None,
+    pause_s: float = PAUSE_S,
 ) -> dict[str, Timing]:
-    """Call each candidate `warmup` times, then `runs` rounds of one call each, in turn."""
+    """Call each candidate `warmup` times, then `runs` rounds of one call each, in turn, with `pause_s` of idle
+    time (untimed) before each call.
+
+    The pause matters on a CPU: after a run, OpenMP (PyTorch) and ONNX Runtime worker threads busy-wait for
+    a while before sleeping; started at once, the next backend shares the cores with them (measured on 2
+    cores: r18vd deploy 292 ms right after an ONNX Runtime run, 263 ms after a 50 ms pause).
+    """
     for _ in range(warmup):
         for fn in candidates.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(runs):
         for name, fn in candidates.items():
+            time.sleep(pause_s)
             synchronize()
             start = time.perf_counter()
             fn()
@@ -80,17 +92,11 @@ def time_interleaved(
 
 
 def ort_session(path: str | Path, device: str = "cpu", threads: int | None = None) -> ort.InferenceSession:
-    """An ONNX Runtime session for timing next to PyTorch; `threads` intra-op threads (default: as many as
-    torch uses, for a fair comparison).
-
-    Thread spinning is off: by default ORT's idle worker threads busy-wait after each run and take the cores
-    from whatever runs next; interleaved with PyTorch on 2 cores that made our deploy model 12x slower
-    (median 3.8 s instead of 0.31 s) while costing ORT itself only ~1% when off.
-    """
+    """An ONNX Runtime session with its default options (thread spinning on, as users run it) and `threads`
+    intra-op threads (default: as many as torch uses, for a fair comparison). Time it with
+    `time_interleaved`'s pause: its spinning threads would otherwise slow down whatever runs next."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=providers_for(device))
 
 

@@ -85,6 +85,8 @@ class RepVggBlock(nn.Module):
     @torch.no_grad()
     def fuse(self) -> None:
         """Replace both branches by `self.conv`, the single 3x3 conv equal to them (the official `convert_to_deploy`)."""
+        if hasattr(self, "conv"):  # already fused
+            return
         w3, b3 = fold_batch_norm(self.conv1.conv, self.conv1.norm)
         w1, b1 = fold_batch_norm(self.conv2.conv, self.conv2.norm)
         self.conv = nn.Conv2d(w3.shape[1], w3.shape[0], 3, 1, padding=1, bias=True)
@@ -132,6 +134,8 @@ class CSPRepLayer(nn.Module):
         """Replace conv1 and conv2 (BatchNorm folded) by one 1x1 conv per input part, `conv_first` and
         `conv_second`, each giving both branches' pre-activations: no concatenation, and as a 1x1 conv
         commutes with nearest upsampling, `first`'s part runs at `first`'s own (coarser) resolution."""
+        if hasattr(self, "conv_first"):  # already fused
+            return
         folded = [fold_batch_norm(c.conv, c.norm) for c in (self.conv1, self.conv2)]
         weight = torch.cat([w for w, _ in folded])
         split = weight.shape[1] // 2
