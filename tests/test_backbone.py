@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import randomize_batch_norms
 from torch import nn
 
 from rtdetr.models.backbone import (
@@ -17,19 +18,6 @@ from rtdetr.models.backbone import (
 )
 
 TINY = dict(stem_channels=16, stage_channels=(16, 32, 64, 128), stage_blocks=(1, 1, 1, 1))
-
-
-def randomize_batch_norms(module: nn.Module, seed: int = 0) -> None:
-    """Non-trivial BN statistics and affine values so that a wrong formula shows."""
-    g = torch.Generator().manual_seed(seed)
-    for m in module.modules():
-        if isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d)):
-            n = m.running_mean.numel()
-            with torch.no_grad():
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=g) * 0.2)
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
 
 
 def test_frozen_batch_norm_equals_batch_norm_in_eval():

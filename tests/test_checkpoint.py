@@ -5,23 +5,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import randomize_batch_norms
 
 from rtdetr import RTDETR
 from rtdetr.data.coco_categories import COCO_CATEGORY_IDS, COCO_CLASS_NAMES
 from rtdetr.engine.checkpoint import atomic_save
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
-
-
-def randomize_batch_norms(model: torch.nn.Module, seed: int = 0) -> None:
-    """O(1) BatchNorm statistics so features do not vanish and outputs differ between models."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
 
 
 @pytest.fixture(scope="module")

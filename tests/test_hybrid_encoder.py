@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import randomize_batch_norms
 from torch import nn
 
 from rtdetr.models.backbone import ConvNormLayer
@@ -14,18 +15,6 @@ from rtdetr.models.hybrid_encoder import (
     RepVggBlock,
     build_2d_sincos_position_embedding,
 )
-
-
-def randomize_batch_norms(module: nn.Module, seed: int = 0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    for m in module.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            with torch.no_grad():
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=g) * 0.2)
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
 
 
 def official_position_embedding(w: int, h: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:

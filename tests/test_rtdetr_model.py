@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from helpers import randomize_batch_norms
 from torch import nn
 
 from rtdetr.config import preset
 from rtdetr.models.hybrid_encoder import RepVggBlock
 from rtdetr.models.rtdetr import RTDETRModel
-
 
 # At 128x128 the tiny model has 16*16 + 8*8 + 4*4 tokens; selecting all of them as queries removes the top-k
 # boundary, where float rounding (deploy, batch size) may swap two near-tied tokens in or out of the set.
@@ -22,12 +22,7 @@ def randomized_tiny_model(seed: int = 0, **overrides) -> RTDETRModel:
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.05)
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+    randomize_batch_norms(model, seed + 2)
     return model.eval()
 
 
