@@ -138,7 +138,7 @@ class CSPRepLayer(nn.Module):
             return
         folded = [fold_batch_norm(c.conv, c.norm) for c in (self.conv1, self.conv2)]
         weight = torch.cat([w for w, _ in folded])
-        split = weight.shape[1] // 2
+        split = weight.shape[1] // 2  # both parts are encoder maps of hidden_dim channels
         self.conv_first = nn.Conv2d(split, weight.shape[0], 1, bias=False)
         self.conv_second = nn.Conv2d(weight.shape[1] - split, weight.shape[0], 1)
         self.conv_first.weight.copy_(weight[:, :split])
