@@ -34,7 +34,7 @@ from transformers import RTDetrConfig, RTDetrForObjectDetection
 
 import rtdetr.models.deform_attn as deform_attn
 from rtdetr import RTDETR
-from rtdetr.api import to_model_input
+from rtdetr.data.images import to_model_input
 from rtdetr.convert.huggingface import hf_config_from_model_config, official_to_hf
 from rtdetr.export.benchmark import (
     FLOPS_NOTE,

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from .config import ModelConfig, autocast, config_dict, preset
-from .data.images import ImageInput, as_image_list, load_image, to_model_input  # noqa: F401 (load_image re-exported)
+from .data.images import ImageInput, load_image, model_input_batches  # noqa: F401 (load_image re-exported)
 from .engine.checkpoint import atomic_save, model_checkpoint, read_checkpoint
 from .loss.criterion import RTDETRCriterion
 from .models.rtdetr import RTDETRModel
@@ -134,20 +134,17 @@ class RTDETR(RTDETRModel):
         amp: 'bf16' (or 'fp16' on CUDA) runs the network under autocast: on CPUs with AMX / AVX512-BF16
         about 2x faster, at a small accuracy cost (benchmarks/RESULTS.md); post-processing stays fp32.
         """
-        images = as_image_list(images)
         size = tuple(image_size or self.config.image_size)
         was_training = self.training
         self.eval()
         device = next(self.parameters()).device
         results: list[Detections] = []
-        for start in range(0, len(images), batch_size):
-            tensors, orig_sizes = zip(*(to_model_input(im, size) for im in images[start : start + batch_size]))
+        for batch, orig_sizes in model_input_batches(images, size, batch_size):
             with autocast(device, amp):
-                outputs = self(torch.stack(tensors).to(device))
+                outputs = self(batch.to(device))
             outputs = {k: outputs[k].float() for k in ("pred_logits", "pred_boxes")}
-            sizes = torch.tensor(orig_sizes, device=device)
             results += postprocess(
-                outputs, sizes, self.category_ids, self.class_names, score_threshold, max_detections
+                outputs, orig_sizes.to(device), self.category_ids, self.class_names, score_threshold, max_detections
             )
         self.train(was_training)
         return [Detections(d.boxes.cpu(), d.scores.cpu(), d.labels.cpu(), d.class_names) for d in results]

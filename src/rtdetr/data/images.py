@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -65,3 +65,14 @@ def to_model_input(image: ImageInput, size: tuple[int, int]) -> tuple[Tensor, tu
     resized = image.resize((size[1], size[0]), Image.BILINEAR)
     array = torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0).permute(2, 0, 1)
     return array, image.size
+
+
+def model_input_batches(
+    images: "ImageInput | Sequence[ImageInput]", size: tuple[int, int], batch_size: int
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """One image or a sequence, `batch_size` at a time, as (images float [N, 3, H, W] resized to `size`,
+    original sizes int64 [N, 2] as (width, height)): the input side of every `predict`."""
+    images = as_image_list(images)
+    for start in range(0, len(images), batch_size):
+        tensors, orig_sizes = zip(*(to_model_input(image, size) for image in images[start : start + batch_size]))
+        yield torch.stack(tensors), torch.tensor(orig_sizes)

@@ -16,7 +16,7 @@ import onnxruntime as ort
 import torch
 from torch import Tensor
 
-from ..data.images import ImageInput, as_image_list, to_model_input
+from ..data.images import ImageInput, model_input_batches
 from ..postprocess import Detections
 from .onnx import INPUT_NAMES, OUTPUT_NAMES
 
@@ -66,7 +66,6 @@ class OnnxDetector:
         `amp` only 'off' (the graph's precision is fixed at export)."""
         if amp != "off":
             raise ValueError(f"{self.path}: amp={amp!r} applies to PyTorch weights; an ONNX graph runs as exported")
-        images = as_image_list(images)
         if image_size is not None and tuple(image_size) != self.image_size:
             raise ValueError(
                 f"{self.path} was exported for {self.image_size[0]}x{self.image_size[1]} inputs, not "
@@ -75,9 +74,8 @@ class OnnxDetector:
         step = min(batch_size, self.max_batch or batch_size)
         ids = torch.as_tensor(self.category_ids)
         results: list[Detections] = []
-        for start in range(0, len(images), step):
-            tensors, orig_sizes = zip(*(to_model_input(im, self.image_size) for im in images[start : start + step]))
-            labels, boxes, scores = self.run(torch.stack(tensors), torch.tensor(orig_sizes))
+        for batch, orig_sizes in model_input_batches(images, self.image_size, step):
+            labels, boxes, scores = self.run(batch, orig_sizes)
             # The graph's top-K is sorted by score: the first max_detections are the best ones.
             labels, boxes, scores = labels[:, :max_detections], boxes[:, :max_detections], scores[:, :max_detections]
             for lab, box, score in zip(labels, boxes, scores):
