@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rtdetr.models.backbone import FrozenBatchNorm2d
+from rtdetr.models.layers import FrozenBatchNorm2d
 
 
 def randomize_batch_norms(module: nn.Module, seed: int = 0) -> None:

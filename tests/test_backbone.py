@@ -8,14 +8,8 @@ import torch.nn.functional as F
 from helpers import randomize_batch_norms
 from torch import nn
 
-from rtdetr.models.backbone import (
-    BasicBlock,
-    BottleNeck,
-    ConvNormLayer,
-    FrozenBatchNorm2d,
-    PResNet,
-    freeze_batch_norms,
-)
+from rtdetr.models.backbone import BasicBlock, BottleNeck, PResNet
+from rtdetr.models.layers import ConvNormLayer, FrozenBatchNorm2d, freeze_batch_norms
 
 TINY = dict(stem_channels=16, stage_channels=(16, 32, 64, 128), stage_blocks=(1, 1, 1, 1))
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from rtdetr import RTDETR
 from rtdetr.cli import main
-from rtdetr.export.benchmark import count_flops, count_parameters, time_interleaved
+from rtdetr.inference.benchmark import count_flops, count_parameters, time_interleaved
 
 
 def test_flops_are_twice_the_multiply_adds_of_a_hand_counted_conv():

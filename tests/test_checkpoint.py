@@ -9,7 +9,7 @@ from helpers import randomize_batch_norms
 
 from rtdetr import RTDETR
 from rtdetr.data.coco_categories import COCO_CATEGORY_IDS, COCO_CLASS_NAMES
-from rtdetr.engine.checkpoint import atomic_save
+from rtdetr.weights.checkpoint import atomic_save
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
 

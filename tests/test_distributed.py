@@ -25,6 +25,7 @@ from torch import nn
 from rtdetr import RTDETR
 from rtdetr.engine.distributed import init_distributed, wrap_model
 from rtdetr.engine.trainer import compute_losses
+from rtdetr.loss.criterion import RTDETRCriterion
 
 SIZE = 64
 TINY = dict(num_classes=3, num_queries=20, image_size=(SIZE, SIZE))
@@ -65,7 +66,7 @@ def worker(rank: int, port: int, out_dir: str) -> None:
         model = make_model(num_denoising)
         ddp = wrap_model(model, process, sync_bn=True, find_unused_parameters=num_denoising == 0)
         torch.manual_seed(123)  # the same denoising noise the reference draws
-        compute_losses(ddp, images, targets, amp="off")["loss"].backward()
+        compute_losses(ddp, RTDETRCriterion(3), images, targets, amp="off")["loss"].backward()
         torch.save(gradients(model), os.path.join(out_dir, f"dn{num_denoising}_rank{rank}.pt"))
     torch.distributed.destroy_process_group()
 
@@ -92,7 +93,7 @@ def assert_same_gradients(actual: dict, expected: dict) -> None:
 def test_ddp_step_equals_one_process_on_the_whole_batch(ddp_gradients):
     (images_a, targets_a), (images_b, targets_b) = shards()
     model = make_model(num_denoising=0)
-    compute_losses(model, torch.cat([images_a, images_b]), targets_a + targets_b, amp="off")["loss"].backward()
+    compute_losses(model, RTDETRCriterion(3), torch.cat([images_a, images_b]), targets_a + targets_b, amp="off")["loss"].backward()
     expected = gradients(model)
     assert ddp_gradients["dn0_rank0"].keys() == expected.keys()
     assert "decoder.denoising_class_embed.weight" not in expected  # unused without denoising
@@ -109,7 +110,7 @@ def test_ddp_with_denoising_and_a_process_without_boxes(ddp_gradients):
     for images, targets in data:
         torch.manual_seed(123)
         local_boxes = max(sum(len(t["labels"]) for t in targets), 1)
-        loss = compute_losses(model, images, targets, amp="off")["loss"] * local_boxes / mean_boxes
+        loss = compute_losses(model, RTDETRCriterion(3), images, targets, amp="off")["loss"] * local_boxes / mean_boxes
         (loss / 2).backward()  # DDP averages the two processes' gradients
     expected = gradients(model)
     assert "decoder.denoising_class_embed.weight" in expected  # the dummy query keeps it in the graph

@@ -20,8 +20,9 @@ from torch import Tensor, nn
 pytest.importorskip("transformers")
 from transformers import RTDetrConfig, RTDetrForObjectDetection, RTDetrResNetConfig  # noqa: E402
 
+from rtdetr import RTDETR
 from rtdetr.config import PRESETS, ModelConfig  # noqa: E402
-from rtdetr.convert.huggingface import (  # noqa: E402
+from rtdetr.weights.huggingface import (  # noqa: E402
     fit_to_model,
     hf_config_from_model_config,
     hf_to_official,
@@ -284,4 +285,4 @@ def test_read_hf_folder_errors_name_the_file(tmp_path) -> None:
     save_hf_folder(RTDETRModel(PRESETS["rtdetr_r18vd"]), PRESETS["rtdetr_r18vd"], tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({**hf_dict, "decoder_layers": 2}))
     with pytest.raises(ValueError, match=r"model\.safetensors.*unexpected: decoder\.dec_bbox_head\.2"):
-        read_hf_folder(tmp_path)
+        RTDETR.from_checkpoint(tmp_path)  # the weights are checked against the model when loaded

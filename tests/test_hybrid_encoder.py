@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from helpers import randomize_batch_norms
 from torch import nn
 
-from rtdetr.models.backbone import ConvNormLayer
+from rtdetr.models.layers import ConvNormLayer
 from rtdetr.models.hybrid_encoder import (
     CSPRepLayer,
     HybridEncoder,

@@ -95,10 +95,10 @@ def test_official_state_dict_loads_strictly(variant, storage):
 
 
 def test_normalized_v2_state_dict_loads_into_r18vd():
-    official = pytest.importorskip("rtdetr.convert.official")
+    official = pytest.importorskip("rtdetr.weights.official")
     normalize = getattr(official, "normalize_official_state_dict", None)
     if normalize is None:
-        pytest.skip("rtdetr.convert.official has no normalize_official_state_dict yet")
+        pytest.skip("rtdetr.weights.official has no normalize_official_state_dict yet")
     v2 = distinct_state_dict(official_keys("v2_r18vd"))
     for i in range(3):
         v2[f"decoder.decoder.layers.{i}.cross_attn.num_points_scale"] = torch.full((12,), 0.25)
@@ -116,10 +116,10 @@ def test_normalized_v2_state_dict_loads_into_r18vd():
 
 
 def test_normalize_is_identity_on_v1_names_and_strips_ddp_prefix():
-    official = pytest.importorskip("rtdetr.convert.official")
+    official = pytest.importorskip("rtdetr.weights.official")
     normalize = getattr(official, "normalize_official_state_dict", None)
     if normalize is None:
-        pytest.skip("rtdetr.convert.official has no normalize_official_state_dict yet")
+        pytest.skip("rtdetr.weights.official has no normalize_official_state_dict yet")
     sd = distinct_state_dict(official_keys("r18vd"))
     assert list(normalize(sd)) == list(sd)
     prefixed = normalize({f"module.{k}": v for k, v in sd.items()})

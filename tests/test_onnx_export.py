@@ -13,14 +13,14 @@ from torch import nn
 
 from rtdetr import RTDETR, ModelConfig
 from rtdetr.export.onnx import (
-    DeployedDetector,
+    EndToEndDetector,
     ExportCheckError,
     check_onnx,
     export_onnx,
     matched_max_diff,
     read_metadata,
 )
-from rtdetr.export.onnxruntime_backend import OnnxDetector
+from rtdetr.inference.onnxruntime import OnnxDetector
 from rtdetr.models.hybrid_encoder import RepVggBlock
 
 TOLERANCE = 1e-4  # scores absolute; boxes normalised by the image size
@@ -69,7 +69,7 @@ def assert_onnx_matches(path, model: RTDETR, batch: int, height: int, width: int
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(["labels", "boxes", "scores"], {"images": images.numpy(), "orig_target_sizes": sizes.numpy()})
     with torch.no_grad():
-        expected = DeployedDetector(model)(images, sizes)
+        expected = EndToEndDetector(model)(images, sizes)
     assert got[0].shape == (batch, 300) and got[1].shape == (batch, 300, 4) and got[2].shape == (batch, 300)
     for i in range(batch):
         scale = float(sizes[i].max())

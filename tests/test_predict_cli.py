@@ -17,7 +17,7 @@ from rtdetr import RTDETR
 from rtdetr.cli import main
 from rtdetr.export.onnx import sample_image as sample_image_path
 from rtdetr.export.onnx import export_onnx, matched_max_diff
-from rtdetr.inference import load_detector
+from rtdetr import load_detector
 from rtdetr.models.rtdetr import RTDETRModel
 from rtdetr.postprocess import Detections
 

@@ -17,13 +17,15 @@ from rtdetr.config import TrainConfig
 from rtdetr.data.coco import CocoDetection
 from rtdetr.data.synthetic import generate_coco_dataset
 from rtdetr.data.transforms import eval_transforms
-from rtdetr.engine import checkpoint as checkpoint_module
-from rtdetr.engine.checkpoint import torch_load
-from rtdetr.engine.distributed import Process
+from rtdetr.weights import checkpoint as checkpoint_module
+from rtdetr.weights.checkpoint import torch_load
+from rtdetr.engine.distributed import Rank
 from rtdetr.engine.ema import ModelEMA
 from rtdetr.engine.optim import LRSchedule, build_optimizer
-from rtdetr.engine.trainer import Trainer, build_model, check_finite, split_overrides, train
-from rtdetr.train_cli import add_subcommands, parse_settings
+from rtdetr.engine.run import build_model, split_overrides, train
+from rtdetr.engine.trainer import Trainer, check_finite
+from rtdetr.cli import train as train_cli
+from rtdetr.cli.arguments import parse_settings
 
 # A tiny, fast setup: 64 px images (2x2 + 4x4 + 8x8 = 84 tokens >= 20 queries).
 FAST = dict(image_size=(64, 64), num_queries=20, num_denoising=10, num_workers=0, device="cpu", eval_batch_size=8)
@@ -156,25 +158,25 @@ def test_fine_tuning_reinitialises_exactly_the_class_heads(tmp_path, caplog):
     source = RTDETR.from_preset("rtdetr_tiny", class_names=["a", "b", "c"])
     source.save(tmp_path / "source.pt")
     names = [f"shape{i}" for i in range(5)]
-    with caplog.at_level(logging.INFO, logger="rtdetr.engine.trainer"):
-        model = build_model("rtdetr_tiny", tmp_path / "source.pt", names, list(range(1, 6)), {})
+    with caplog.at_level(logging.INFO, logger="rtdetr.weights.loading"):
+        model = build_model("rtdetr_tiny", tmp_path / "source.pt", len(names), {})
     message = next(r.getMessage() for r in caplog.records if "re-initialised" in r.getMessage())
     reported = set(message.split(": ", 1)[1].split(", "))
     assert reported == CLASS_HEADS
-    assert model.config.num_classes == 5 and model.class_names == names
+    assert model.config.num_classes == 5
     old, new = source.state_dict(), model.state_dict()
     for key in new:
         if key not in CLASS_HEADS:
             assert torch.equal(new[key], old[key]), key
     # Same number of classes: nothing is re-initialised.
-    same = build_model(None, tmp_path / "source.pt", ["x", "y", "z"], [1, 2, 3], {})
+    same = build_model(None, tmp_path / "source.pt", 3, {})
     assert all(torch.equal(same.state_dict()[k], v) for k, v in old.items())
 
 
 def test_fine_tuning_rejects_weights_of_another_architecture(tmp_path):
     RTDETR.from_preset("rtdetr_tiny", num_classes=3).save(tmp_path / "source.pt")
     with pytest.raises(ValueError, match="mis-shaped"):
-        build_model("rtdetr_tiny", tmp_path / "source.pt", ["a", "b", "c"], [1, 2, 3], {"hidden_dim": 32})
+        build_model("rtdetr_tiny", tmp_path / "source.pt", 3, {"hidden_dim": 32})
 
 
 # ---- checkpoints and resume -----------------------------------------------------------------------------
@@ -185,9 +187,9 @@ def make_trainer(shapes, tmp_path, **overrides) -> Trainer:
     val_set = CocoDetection(shapes / "annotations/instances_val.json", shapes / "val", eval_transforms((64, 64)))
     settings = {**FAST, "output": str(tmp_path), "batch_size": 4, **overrides}
     train_over, model_over = split_overrides(settings)
-    model = build_model("rtdetr_tiny", None, train_set.class_names, train_set.category_ids, model_over)
+    model = build_model("rtdetr_tiny", None, len(train_set.class_names), model_over)
     return Trainer(model, TrainConfig.for_model(model.config, **train_over), train_set, val_set,
-                   Process(0, 1, torch.device("cpu")))  # fmt: skip
+                   Rank(0, 1, torch.device("cpu")))  # fmt: skip
 
 
 def test_a_crash_while_saving_leaves_the_previous_last_pt_loadable(shapes, tmp_path, monkeypatch):
@@ -271,7 +273,7 @@ def test_bf16_autocast_trains_on_cpu_and_fp16_needs_cuda(shapes, tmp_path):
 
 def run_cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="rtdetr")
-    add_subcommands(parser.add_subparsers(dest="command", required=True))
+    train_cli.add(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -1,14 +1,21 @@
-"""`RTDETR`: the network plus its class names, with loading, saving and prediction.
+"""`RTDETR`: the network with the class names of its data, and everything a user does with it.
 
     model = RTDETR.from_checkpoint("rtdetr_r18vd_dec3_6x_coco_from_paddle.pth")  # or RTDETR.from_preset(...)
     out = model(images)              # eval: [B,3,H,W] RGB in [0,1] -> pred_logits [B,Q,C], pred_boxes [B,Q,4]
     dets = model.predict(["a.jpg", pil_image, ndarray], score_threshold=0.5)
+    run = model.fit(data="datasets/mine", epochs=12)    # fine-tune; the model then holds the best weights
+    metrics = model.evaluate(data="datasets/mine")      # COCO metrics
+    model.export("model.onnx")                           # checked against PyTorch in ONNX Runtime
+    model.save_pretrained("hf_folder")                   # a Hugging Face folder
+
+This is the top floor: it calls down into `weights` (reading), `engine` (training, evaluation), `export` and
+`inference`; nothing below imports it.
 """
 
 from __future__ import annotations
 
 import logging
-import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -16,13 +23,30 @@ import torch
 from torch import Tensor
 
 from .config import ModelConfig, autocast, config_dict, preset
-from .data.images import ImageInput, load_image, model_input_batches  # noqa: F401 (load_image re-exported)
-from .engine.checkpoint import atomic_save, model_checkpoint, read_checkpoint
+from .data.images import ImageInput, model_input_batches
+from .engine.evaluation import evaluate
+from .engine.run import train
+from .export.onnx import export_onnx
+from .inference.onnxruntime import OnnxDetector
 from .loss.criterion import RTDETRCriterion
 from .models.rtdetr import RTDETRModel
 from .postprocess import Detections, postprocess
+from .weights.checkpoint import atomic_save, model_checkpoint, torch_load
+from .weights.huggingface import save_hf_folder
+from .weights.loading import fit_state_dict, read_weights, truncate_decoder
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FitResult:
+    """A finished `RTDETR.fit`: the run folder (best.pt, last.pt, log.jsonl, curves.png) and the validation
+    metrics of the best weights (None if no evaluation ran)."""
+
+    output: Path
+    metrics: dict | None
+    best_epoch: int | None
+
 
 class RTDETR(RTDETRModel):
     """RT-DETR with the class names and dataset category ids of the data it was trained on."""
@@ -31,8 +55,6 @@ class RTDETR(RTDETRModel):
         self, config: ModelConfig, class_names: Sequence[str] | None = None, category_ids: Sequence[int] | None = None
     ) -> None:
         super().__init__(config)
-        self.config = config
-        self.criterion = RTDETRCriterion(config.num_classes)  # no parameters: not in the state dict
         self.class_names = list(class_names or [f"class_{i}" for i in range(config.num_classes)])
         self.category_ids = list(category_ids if category_ids is not None else range(config.num_classes))
         if not len(self.class_names) == len(self.category_ids) == config.num_classes:
@@ -60,60 +82,29 @@ class RTDETR(RTDETRModel):
         not change tensor shapes may be overridden too. Loading is strict: any missing, unexpected or
         mis-shaped tensor raises with its name.
         """
-        weights = read_checkpoint(path)
-        state_dict = dict(weights.state_dict)
-        config = weights.config
+        weights = read_weights(path)
+        state_dict = weights.state_dict
         if "num_decoder_layers" in overrides:
-            state_dict = _truncate_decoder(state_dict, config.num_decoder_layers, overrides["num_decoder_layers"], path)
+            available = weights.config.num_decoder_layers
+            state_dict = truncate_decoder(state_dict, available, overrides["num_decoder_layers"], str(path))
             overrides.setdefault("eval_idx", -1)
-        model = cls(config.replace(**overrides), weights.class_names, weights.category_ids)
-        model.load_weights(state_dict, source=str(path), strict=strict)
+        model = cls(weights.config.replace(**overrides), weights.class_names, weights.category_ids)
+        fit_state_dict(model, state_dict, weights.source, strict=strict)
         logger.info("loaded %s checkpoint %s (%d tensors)", weights.kind, path, len(state_dict))
         return model.eval()
 
     def load_weights(self, state_dict: dict[str, Tensor], source: str = "state dict", strict: bool = True) -> list[str]:
         """Load weights, reporting mismatches by name. Returns the names of the tensors left at their
         initial values (non-strict loading only); raises on mis-shaped tensors and, if strict, on any mismatch."""
-        own = self.state_dict()
-        missing = [k for k in own if k not in state_dict]
-        unexpected = [k for k in state_dict if k not in own]
-        misshaped = [
-            f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
-            for k, v in own.items() if k in state_dict and state_dict[k].shape != v.shape
-        ]  # fmt: skip
-        problems = []
-        if misshaped:
-            problems.append(f"{len(misshaped)} mis-shaped: " + "; ".join(misshaped[:10]))
-        if strict and missing:
-            problems.append(f"{len(missing)} missing: " + ", ".join(missing[:10]))
-        if strict and unexpected:
-            problems.append(f"{len(unexpected)} unexpected: " + ", ".join(unexpected[:10]))
-        if problems:
-            raise ValueError(
-                f"weights from {source} do not fit this {self.describe()} model: " + " | ".join(problems)
-                + ". Is it a checkpoint of another variant?"
-            )  # fmt: skip
-        self.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False)
-        return missing
+        return fit_state_dict(self, state_dict, source, strict=strict).missing
 
     def compute_loss(self, images: Tensor, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-        """Training loss (call in train mode): every weighted term by name and their sum under "loss".
-
-        targets: per image, `labels` int64 [n] in 0..C-1 and `boxes` [n, 4] normalised cx,cy,w,h.
-        The loss is computed in fp32 even under autocast.
-        """
+        """Training loss (call in train mode): every weighted term by name and their sum under "loss", from the
+        criterion the trainer uses. targets: per image, `labels` int64 [n] in 0..C-1 and `boxes` [n, 4]
+        normalised cx,cy,w,h. The loss is computed in fp32 even under autocast."""
         if not self.training:
             raise RuntimeError("compute_loss needs train mode (model.train()): eval outputs carry no aux/denoising terms")
-        return self.criterion(self(images, targets), targets)
-
-    def describe(self) -> str:
-        c = self.config
-        return f"R{c.depth} ({c.encoder_hidden_dim}-d encoder, {c.num_decoder_layers} decoder layers, {c.num_classes} classes)"
-
-    def save(self, path: str | Path, **extra: Any) -> None:
-        """Write our checkpoint format (weights, resolved config, class names, category ids) atomically."""
-        checkpoint = model_checkpoint(self.config, self.state_dict(), self.class_names, self.category_ids, **extra)
-        atomic_save(checkpoint, path)
+        return RTDETRCriterion(self.config.num_classes)(self(images, targets), targets)
 
     @torch.inference_mode()
     def predict(
@@ -149,13 +140,76 @@ class RTDETR(RTDETRModel):
         self.train(was_training)
         return [Detections(d.boxes.cpu(), d.scores.cpu(), d.labels.cpu(), d.class_names) for d in results]
 
+    def fit(self, data: str | Path | None = None, **settings: Any) -> FitResult:
+        """Train (fine-tune) these weights on a dataset folder (`rtdetr.engine.run.train` takes the same
+        settings: epochs, batch_size, output, lr, ... any TrainConfig field, and explicit split paths).
+        With other classes than the model's, the class heads start fresh. Afterwards this model holds the best
+        (EMA) weights of the run, with the dataset's classes."""
+        output = train(self, data, **settings)
+        best = output / "best.pt"
+        weights = read_weights(best if best.exists() else output / "last.pt")
+        device = next(self.parameters()).device
+        # The dataset may have other classes (other head shapes): rebuild in place, then load.
+        RTDETR.__init__(self, weights.config, weights.class_names, weights.category_ids)
+        fit_state_dict(self, weights.state_dict, weights.source)
+        self.to(device).eval()
+        saved = torch_load(best) if best.exists() else {}
+        return FitResult(output, saved.get("metrics"), saved.get("epoch"))
+
+    def evaluate(self, data: str | Path | None = None, split: str = "val", **options: Any) -> dict:
+        """COCO metrics of this model on a split of a dataset folder (`rtdetr.engine.evaluation.evaluate`
+        options: output, image_size, batch_size, amp, ...)."""
+        return evaluate(self, data, split, class_names=self.class_names, category_ids=self.category_ids, **options)
+
+    def export(self, path: str | Path, image_size: tuple[int, int] | None = None, **options: Any) -> Path:
+        """Export to ONNX (post-processor inside) and check it against PyTorch in ONNX Runtime on the bundled
+        sample image; raises `ExportCheckError` if they differ. Options: opset, batch_size_dynamic."""
+        return export_onnx(self, path, image_size, class_names=self.class_names, category_ids=self.category_ids,
+                           **options)  # fmt: skip
+
+    def save(self, path: str | Path, **extra: Any) -> None:
+        """Write our checkpoint format (weights, resolved config, class names, category ids) atomically."""
+        checkpoint = model_checkpoint(self.config, self.state_dict(), self.class_names, self.category_ids, **extra)
+        atomic_save(checkpoint, path)
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        """Write a Hugging Face folder (config.json + model.safetensors) that
+        `transformers.RTDetrForObjectDetection.from_pretrained(folder)` loads strictly."""
+        save_hf_folder(self, self.config, folder, self.class_names)
+
     def extra_repr(self) -> str:
         return f"config={config_dict(self.config)}"
 
 
-def _truncate_decoder(state_dict: dict[str, Tensor], available: int, keep: int, path: Any) -> dict[str, Tensor]:
-    """Drop the decoder layers (and their heads) from index `keep` on."""
-    if not 1 <= keep <= available:
-        raise ValueError(f"num_decoder_layers={keep}: {path} has {available} decoder layers (choose 1..{available})")
-    dropped = re.compile(r"^decoder\.(decoder\.layers|dec_score_head|dec_bbox_head)\.(\d+)\.")
-    return {k: v for k, v in state_dict.items() if not ((m := dropped.match(k)) and int(m.group(2)) >= keep)}
+def load_detector(
+    weights: str | Path | None,
+    preset_name: str | None = None,
+    num_decoder_layers: int | None = None,
+    device: str = "cpu",
+    deploy: bool = True,
+) -> RTDETR | OnnxDetector:
+    """A ready-to-predict detector (see `inference.detector.Detector`).
+
+    weights: an `.onnx` export (run in ONNX Runtime), or any checkpoint `RTDETR.from_checkpoint` reads (ours,
+    official `.pth`, a Hugging Face folder). Without weights, `preset_name` with random weights (a warning
+    says so). num_decoder_layers: keep the first k decoder layers and use the k-th layer's head (PyTorch
+    weights only). deploy: re-parameterise the PyTorch model for inference (same outputs up to float
+    rounding, faster).
+    """
+    if weights is not None and Path(weights).suffix.lower() == ".onnx":
+        if num_decoder_layers:
+            raise ValueError(
+                f"{weights}: an ONNX graph's decoder depth is fixed at export; export it again with --decoder-layers"
+            )
+        return OnnxDetector(weights, device)
+    overrides = {"num_decoder_layers": num_decoder_layers} if num_decoder_layers else {}
+    if weights is not None:
+        model = RTDETR.from_checkpoint(weights, **overrides)
+    elif preset_name is not None:
+        logger.warning("no weights given: %s with RANDOM weights (boxes are meaningless)", preset_name)
+        # The k-th layer's head: eval_idx is relative to the kept layers (the preset's may point past them).
+        model = RTDETR.from_preset(preset_name, **overrides, **({"eval_idx": -1} if overrides else {}))
+    else:
+        raise ValueError("give weights (a checkpoint, a Hugging Face folder or an .onnx file) or a preset")
+    model = model.to(device).eval()
+    return model.deploy() if deploy else model

@@ -1,7 +1,8 @@
 """Model configuration and the model zoo presets.
 
-`ModelConfig` is the single source of truth for the architecture: presets are plain Python instances,
-checkpoints store `asdict(config)`, and overrides are applied by field name with type checks.
+`ModelConfig` is the single source of truth for the architecture: presets are frozen instances in a read-only
+mapping (`preset(name, **overrides)` returns a new config), checkpoints store `asdict(config)`, and overrides
+are applied by field name with type checks.
 Values follow the official v1 configs (lyuwenyu/RT-DETR, `rtdetr_pytorch/configs/rtdetr/`).
 """
 
@@ -10,12 +11,13 @@ from __future__ import annotations
 import dataclasses
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Mapping
 
 import torch
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     """Every architectural hyperparameter of RT-DETR.
 
@@ -24,7 +26,8 @@ class ModelConfig:
     block counts (used only by the tiny preset).
     """
 
-    # Backbone (ResNet-vd, returns strides 8/16/32)
+    # Backbone (returns strides 8/16/32): "resnet_vd" (ResNet-vd of `depth`)
+    backbone: str = "resnet_vd"
     depth: int = 18
     freeze_at: int = -1  # -1: nothing frozen; 0: the stem conv1 frozen; k>0: stem and the first k stages
     freeze_norm: bool = False  # every backbone BatchNorm2d -> FrozenBatchNorm2d
@@ -62,7 +65,9 @@ class ModelConfig:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, list):
-                setattr(self, f.name, tuple(value))
+                object.__setattr__(self, f.name, tuple(value))
+        if self.backbone != "resnet_vd":
+            raise ValueError(f"ModelConfig.backbone must be 'resnet_vd', got {self.backbone!r}")
         if self.depth not in (18, 34, 50, 101):
             raise ValueError(f"ModelConfig.depth must be 18, 34, 50 or 101, got {self.depth}")
         if len(self.num_points) != 3:
@@ -109,7 +114,12 @@ class TrainConfig:
     accumulate over batch_size / (world size * step_batch_size) passes.
     """
 
+    RECIPES = ("auto", "official", "official-v2")  # see engine/recipe.py
+    LR_SCHEDULES = ("constant", "flat-cosine")
+
+    recipe: str = "official"  # how the unset fields are chosen (`engine.recipe.resolve`): 'auto' fits the run
     epochs: int = 72
+    time_minutes: float = 0.0  # > 0: a time budget; training and its periodic evaluations end within it
     batch_size: int = 16
     step_batch_size: int = 0
     lr: float = 1e-4
@@ -120,6 +130,9 @@ class TrainConfig:
     warmup_steps: int = 2000  # linear lr warmup over optimizer steps (v2; v1 has none: 0)
     lr_milestones: tuple[int, ...] = ()  # epochs from which the lr is multiplied by lr_gamma (official: never)
     lr_gamma: float = 0.1
+    lr_schedule: str = "constant"  # after warmup: 'constant' (official) | 'flat-cosine' (flat, then cosine)
+    flat_fraction: float = 0.5  # flat-cosine: the share of the optimizer steps at the full lr
+    min_lr_ratio: float = 0.05  # flat-cosine: the last step's lr as a fraction of the base lr
     ema_decay: float = 0.9999
     ema_warmups: int = 2000  # EMA decay = ema_decay * (1 - exp(-updates / ema_warmups))
     clip_max_norm: float = 0.1  # gradient norm clip (0: off)
@@ -129,6 +142,8 @@ class TrainConfig:
     num_workers: int = 4
     eval_batch_size: int = 32
     eval_interval: int = 1  # epochs between evaluations (the last epoch is always evaluated)
+    patience: int = 0  # early stopping: stop after this many evaluations without improvement (0: off)
+    min_delta: float = 0.0  # early stopping: an improvement is an AP more than this above the reference
     log_interval: int = 50  # optimizer steps between metrics-log lines
     checkpoint_interval: int = 0  # also write last.pt every this many optimizer steps (0: once per epoch)
     max_steps: int = 0  # stop (after writing last.pt) once this many optimizer steps are done (0: no limit)
@@ -152,6 +167,20 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.betas needs two values, got {self.betas}")
         if any(size % 32 for size in self.multiscale_sizes):
             raise ValueError(f"TrainConfig.multiscale_sizes must be multiples of 32, got {self.multiscale_sizes}")
+        if self.recipe not in self.RECIPES:
+            raise ValueError(f"TrainConfig.recipe must be one of {self.RECIPES}, got {self.recipe!r}")
+        if self.lr_schedule not in self.LR_SCHEDULES:
+            raise ValueError(f"TrainConfig.lr_schedule must be one of {self.LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if not (0.0 <= self.flat_fraction <= 1.0 and 0.0 <= self.min_lr_ratio <= 1.0):
+            raise ValueError(
+                f"TrainConfig.flat_fraction and min_lr_ratio must lie in [0, 1], got {self.flat_fraction}, "
+                f"{self.min_lr_ratio}"
+            )
+        if self.time_minutes < 0 or self.patience < 0 or self.min_delta < 0:
+            raise ValueError(
+                f"TrainConfig needs time_minutes, patience and min_delta >= 0; got {self.time_minutes}, "
+                f"{self.patience}, {self.min_delta}"
+            )
 
     @property
     def resolved_stop_epoch(self) -> int:
@@ -196,7 +225,7 @@ def check_overrides(cls: type, overrides: dict[str, Any]) -> dict[str, Any]:
 
 _R50_LIKE = dict(depth=50, freeze_at=0, freeze_norm=True, expansion=1.0, num_decoder_layers=6)
 
-PRESETS: dict[str, ModelConfig] = {
+PRESETS: Mapping[str, ModelConfig] = MappingProxyType({
     "rtdetr_r18vd": ModelConfig(depth=18, expansion=0.5, num_decoder_layers=3),
     "rtdetr_r34vd": ModelConfig(depth=34, expansion=0.5, num_decoder_layers=4),
     "rtdetr_r50vd_m": ModelConfig(**{**_R50_LIKE, "expansion": 0.5, "eval_idx": 2}),
@@ -224,7 +253,7 @@ PRESETS: dict[str, ModelConfig] = {
         num_denoising=50,
         image_size=(320, 320),
     ),
-}
+})
 
 
 def preset(name: str, **overrides: Any) -> ModelConfig:

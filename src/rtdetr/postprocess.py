@@ -64,9 +64,24 @@ def postprocess(
     orig_sizes [B, 2] is (width, height) of each original image.
     """
     labels, boxes, scores = topk_detections(outputs["pred_logits"], outputs["pred_boxes"], orig_sizes, num_top)
+    return select_detections(labels, boxes, scores, category_ids, class_names, score_threshold)
+
+
+def select_detections(
+    labels: Tensor,
+    boxes: Tensor,
+    scores: Tensor,
+    category_ids: list[int] | tuple[int, ...],
+    class_names: list[str] | tuple[str, ...],
+    score_threshold: float = 0.0,
+    max_detections: int | None = None,
+) -> list[Detections]:
+    """Top-K detections (labels [B, K] 0..C-1, boxes [B, K, 4], scores [B, K], sorted by score, as
+    `topk_detections` or an exported graph gives them) -> per image the first `max_detections` scoring above
+    `score_threshold`, labels mapped to `category_ids` and `class_names`."""
     ids = torch.as_tensor(category_ids, device=labels.device)
     results = []
-    for lab, box, score in zip(labels, boxes, scores):
+    for lab, box, score in zip(labels[:, :max_detections], boxes[:, :max_detections], scores[:, :max_detections]):
         keep = score > score_threshold
         lab, box, score = lab[keep], box[keep], score[keep]
         results.append(Detections(box, score, ids[lab], [class_names[i] for i in lab.tolist()]))

@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class Process:
+class Rank:
     """Where this process runs: its rank among `world_size` processes and its device."""
 
     rank: int
@@ -36,7 +36,7 @@ class Process:
         return self.world_size > 1
 
 
-def init_distributed(device: str = "auto") -> Process:
+def init_distributed(device: str = "auto") -> Rank:
     """Join the process group torchrun describes in the environment (if any) and pick the device.
 
     device: 'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:k'. Under torchrun each process
@@ -56,7 +56,7 @@ def init_distributed(device: str = "auto") -> Process:
             torch.cuda.set_device(torch.device(device))
         dist.init_process_group(backend=backend)
         logger.info("process %d of %d on %s (%s)", rank, world_size, device, backend)
-    return Process(rank, world_size, torch.device(device))
+    return Rank(rank, world_size, torch.device(device))
 
 
 def cleanup_distributed() -> None:
@@ -64,7 +64,7 @@ def cleanup_distributed() -> None:
         dist.destroy_process_group()
 
 
-def wrap_model(model: nn.Module, process: Process, sync_bn: bool, find_unused_parameters: bool) -> nn.Module:
+def wrap_model(model: nn.Module, process: Rank, sync_bn: bool, find_unused_parameters: bool) -> nn.Module:
     """DistributedDataParallel around `model` (returned unchanged for one process).
 
     sync_bn converts BatchNorm to SyncBatchNorm first (official default), so statistics are computed over the
@@ -82,11 +82,6 @@ def wrap_model(model: nn.Module, process: Process, sync_bn: bool, find_unused_pa
     return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=find_unused_parameters)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a DistributedDataParallel wrapper (or the model itself)."""
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
 class ResumableSampler(DistributedSampler):
     """DistributedSampler whose order is a function of (seed, epoch) only, able to start mid-epoch.
 
@@ -95,7 +90,7 @@ class ResumableSampler(DistributedSampler):
     indices, so a run resumed after k steps sees exactly the batches the uninterrupted run would have.
     """
 
-    def __init__(self, dataset_len: int, process: Process, seed: int, shuffle: bool = True) -> None:
+    def __init__(self, dataset_len: int, process: Rank, seed: int, shuffle: bool = True) -> None:
         super().__init__(
             range(dataset_len), num_replicas=process.world_size, rank=process.rank, shuffle=shuffle, seed=seed
         )
@@ -112,7 +107,7 @@ class ResumableSampler(DistributedSampler):
         return self.num_samples - self.start
 
 
-def all_reduce_mean(values: dict[str, float], process: Process) -> dict[str, float]:
+def all_reduce_mean(values: dict[str, float], process: Rank) -> dict[str, float]:
     """The mean of each value over all processes (the values themselves for one process)."""
     if not process.distributed or not values:
         return values
@@ -121,7 +116,7 @@ def all_reduce_mean(values: dict[str, float], process: Process) -> dict[str, flo
     return dict(zip(values, (tensor / process.world_size).tolist()))
 
 
-def all_gather_objects(obj: object, process: Process) -> list:
+def all_gather_objects(obj: object, process: Rank) -> list:
     """[obj of rank 0, obj of rank 1, ...] on every rank."""
     if not process.distributed:
         return [obj]

@@ -38,11 +38,3 @@ class ModelEMA:
         averaged = {name: v for name, v in self.module.state_dict().items() if v.dtype.is_floating_point}
         # v + (1 - d) * (model_v - v) = d * v + (1 - d) * model_v, one fused call for all tensors
         torch._foreach_lerp_(list(averaged.values()), [current[name].detach() for name in averaged], 1 - d)
-
-    def state_dict(self) -> dict:
-        return {"module": self.module.state_dict(), "updates": self.updates, "decay": self.decay,
-                "warmups": self.warmups}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.module.load_state_dict(state["module"])
-        self.updates, self.decay, self.warmups = state["updates"], state["decay"], state["warmups"]

@@ -3,11 +3,12 @@ warmup per iteration, then MultiStepLR per epoch).
 
 The official configs select groups with `re.findall(pattern, name)` over the trainable parameters; what no
 pattern selects forms the default group (lr, weight_decay). Each variant's config replaces the include's
-list, so the groups differ per variant (facts section 5); they are reproduced here by name.
+list, so the groups differ per variant (official configs `optimizer.yml`); they are reproduced here by name.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -105,27 +106,86 @@ def build_optimizer(model: nn.Module, model_config: ModelConfig, config: TrainCo
 
 
 class LRSchedule:
-    """The lr of optimizer step k (0-based) in epoch e: base_lr * min(1, (k + 1) / warmup_steps) *
-    gamma ** (number of milestones <= e), for every group.
+    """The lr of optimizer step n = last_step + 1 (1-based) in epoch e, for every group:
 
-    Official v2: `LinearWarmup` per iteration (the factor for step 0 applied at construction, `step()` after
+        base_lr * min(1, n / warmup_steps) * gamma ** (number of milestones <= e) * decay(n)
+
+    Official v2: `LinearWarmup` per iteration (the factor for step 1 applied at construction, `step()` after
     each optimizer step) and `MultiStepLR` per epoch, whose milestone (1000) never fires within the published
-    schedules, so the official lr is constant after warmup (milestones=()).
+    schedules, so the official lr is constant after warmup (shape 'constant': decay = 1, milestones=()).
+
+    Shape 'flat-cosine' (the decay of D-FINE / DEIM's FlatCosineLRScheduler): decay = 1 for the first
+    `cosine_start` = round(flat_fraction * total_steps) steps, then m + (1 - m) * (1 + cos(phase)) / 2 with
+    m = min_lr_ratio, the phase rising linearly from 0 at `cosine_start` to pi at step `total_steps` (so the
+    last step runs at m * base_lr) and staying at pi after it.
+
+    A time-budgeted run re-estimates its total: `set_total_steps` moves the end of the decay and keeps the lr
+    continuous. While still flat the cosine start is recomputed from the new total (never before the current
+    step); inside the cosine the decay restarts at the current step from the current phase, so the phase
+    then rises linearly from there to pi at the new total.
     """
 
+    SHAPES = ("constant", "flat-cosine")
+
     def __init__(
-        self, optimizer: torch.optim.Optimizer, warmup_steps: int, milestones: tuple[int, ...] = (), gamma: float = 0.1
+        self,
+        optimizer: torch.optim.Optimizer,
+        warmup_steps: int,
+        milestones: tuple[int, ...] = (),
+        gamma: float = 0.1,
+        shape: str = "constant",
+        total_steps: int = 0,
+        flat_fraction: float = 0.5,
+        min_lr_ratio: float = 0.05,
     ) -> None:
+        if shape not in self.SHAPES:
+            raise ValueError(f"LRSchedule shape must be one of {self.SHAPES}, got {shape!r}")
+        if shape == "flat-cosine" and total_steps < 1:
+            raise ValueError(f"the flat-cosine lr schedule needs total_steps >= 1, got {total_steps}")
         self.optimizer = optimizer
         self.warmup_steps = warmup_steps
         self.milestones, self.gamma = tuple(milestones), gamma
+        self.shape, self.total_steps = shape, total_steps
+        self.flat_fraction, self.min_lr_ratio = flat_fraction, min_lr_ratio
+        self.cosine_start, self.start_phase = self.flat_steps(total_steps, flat_fraction), 0.0
         self.base_lrs = [group["lr"] for group in optimizer.param_groups]
         self.last_step = self.epoch = 0
         self._apply()
 
+    @staticmethod
+    def flat_steps(total_steps: int, flat_fraction: float) -> int:
+        """The optimizer steps at the full lr before the cosine decay of a run of `total_steps`."""
+        return round(flat_fraction * total_steps)
+
     def factor(self) -> float:
-        warmup = 1.0 if self.warmup_steps <= 0 else min(1.0, (self.last_step + 1) / self.warmup_steps)
-        return warmup * self.gamma ** sum(self.epoch >= m for m in self.milestones)
+        """The multiplier of the base lrs for the next optimizer step."""
+        n = self.last_step + 1
+        warmup = 1.0 if self.warmup_steps <= 0 else min(1.0, n / self.warmup_steps)
+        return warmup * self.gamma ** sum(self.epoch >= m for m in self.milestones) * self.decay(n)
+
+    def decay(self, n: int) -> float:
+        """The flat-cosine multiplier of step n (1 for the constant shape)."""
+        if self.shape == "constant":
+            return 1.0
+        m = self.min_lr_ratio
+        return m + (1 - m) * (1 + math.cos(self.phase(n))) / 2
+
+    def phase(self, n: int) -> float:
+        """The cosine phase of step n: `start_phase` up to `cosine_start`, then linear to pi at `total_steps`."""
+        if n <= self.cosine_start:
+            return self.start_phase
+        progress = min(1.0, (n - self.cosine_start) / max(self.total_steps - self.cosine_start, 1))
+        return self.start_phase + (math.pi - self.start_phase) * progress
+
+    def set_total_steps(self, total_steps: int) -> None:
+        """A new estimate of the run's optimizer steps (time budget); the current step keeps its lr."""
+        n = self.last_step + 1
+        if self.start_phase == 0.0 and n <= self.cosine_start:  # still flat: the decay starts later or now
+            self.cosine_start = max(n, self.flat_steps(total_steps, self.flat_fraction))
+        else:  # decaying: continue from the current phase, reaching pi at the new total
+            self.start_phase, self.cosine_start = self.phase(n), n
+        self.total_steps = total_steps
+        self._apply()
 
     def step(self) -> None:
         """After each optimizer step."""
@@ -144,10 +204,18 @@ class LRSchedule:
 
     def state_dict(self) -> dict:
         return {"warmup_steps": self.warmup_steps, "milestones": list(self.milestones), "gamma": self.gamma,
-                "base_lrs": list(self.base_lrs), "last_step": self.last_step, "epoch": self.epoch}  # fmt: skip
+                "base_lrs": list(self.base_lrs), "last_step": self.last_step, "epoch": self.epoch,
+                "shape": self.shape, "total_steps": self.total_steps, "flat_fraction": self.flat_fraction,
+                "min_lr_ratio": self.min_lr_ratio, "cosine_start": self.cosine_start,
+                "start_phase": self.start_phase}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
         self.warmup_steps, self.gamma = state["warmup_steps"], state["gamma"]
         self.milestones = tuple(state["milestones"])
         self.base_lrs, self.last_step, self.epoch = state["base_lrs"], state["last_step"], state["epoch"]
+        # Checkpoints written before the flat-cosine shape existed had a constant lr after warmup.
+        self.shape = state.get("shape", "constant")
+        self.total_steps, self.flat_fraction = state.get("total_steps", 0), state.get("flat_fraction", 0.5)
+        self.min_lr_ratio = state.get("min_lr_ratio", 0.05)
+        self.cosine_start, self.start_phase = state.get("cosine_start", 0), state.get("start_phase", 0.0)
         self._apply()

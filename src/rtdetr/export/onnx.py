@@ -2,6 +2,9 @@
 
     export_onnx(model, "model.onnx")   # deploy-mode copy, legacy exporter, metadata, ONNX Runtime self-check
 
+`onnx_session` is the one place an ONNX Runtime session is opened (the self-check here, the ONNX Runtime
+backend and the benchmark in `inference`).
+
 Graph inputs:  images float32 [N, 3, H, W] RGB in [0, 1] (resized to H x W ignoring aspect ratio, no
                mean/std), orig_target_sizes int64 [N, 2] as (width, height) of the original images.
 Graph outputs: labels int64 [N, K] contiguous 0..C-1 (map them with the `category_ids` metadata),
@@ -21,21 +24,18 @@ import warnings
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Sequence
 
-import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from PIL import Image
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
-from ..config import config_dict
+from ..config import ModelConfig, config_dict
+from ..data.images import model_input_batches
+from ..models.rtdetr import RTDETRModel
 from ..postprocess import topk_detections
-
-if TYPE_CHECKING:
-    from ..api import RTDETR
 
 logger = logging.getLogger(__name__)
 
@@ -51,9 +51,9 @@ class ExportCheckError(RuntimeError):
     """ONNX Runtime disagrees with PyTorch on the exported model."""
 
 
-class DeployedDetector(nn.Module):
+class EndToEndDetector(nn.Module):
     """forward(images, orig_target_sizes) -> (labels, boxes, scores): the network and the top-K
-    post-processor (`topk_detections`) in one graph, as the official deploy wrapper."""
+    post-processor (`topk_detections`) in one module, what is exported (the official deploy wrapper)."""
 
     def __init__(self, model: nn.Module, num_top: int = 300) -> None:
         super().__init__()
@@ -95,23 +95,26 @@ def deployed_copy(model: nn.Module) -> nn.Module:
 
 
 def export_onnx(
-    model: RTDETR,
+    model: RTDETRModel,
     path: str | Path,
     image_size: tuple[int, int] | None = None,
     opset: int = 17,
     batch_size_dynamic: bool = True,
     check: bool = True,
+    class_names: Sequence[str] | None = None,
+    category_ids: Sequence[int] | None = None,
 ) -> Path:
     """Export `model` (any mode; it is not modified) to `path`; returns the path.
 
     image_size (H, W), multiples of 32, defaults to the model's. With `check`, ONNX Runtime is run on the
     bundled sample image and compared with PyTorch (`check_onnx`): an `ExportCheckError` is raised if they differ.
+    class_names / category_ids go into the metadata (default: the model's own attributes, as an RTDETR has).
     """
     path = Path(path)
     size = tuple(image_size or model.config.image_size)
     if size[0] % 32 or size[1] % 32:
         raise ValueError(f"image_size must be multiples of 32, got {size}")
-    detector = DeployedDetector(deployed_copy(model)).eval()
+    detector = EndToEndDetector(deployed_copy(model)).eval()
     example = (torch.rand(1, 3, *size), torch.tensor([[size[1], size[0]]], dtype=torch.int64))
     dynamic_axes = {name: {0: "N"} for name in INPUT_NAMES + OUTPUT_NAMES} if batch_size_dynamic else None
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -127,7 +130,9 @@ def export_onnx(
             dynamic_axes=dynamic_axes, opset_version=opset, do_constant_folding=True, dynamo=False,
         )  # fmt: skip
     proto = onnx.load(str(path))
-    onnx.helper.set_model_props(proto, export_metadata(model, size))
+    class_names = list(class_names or getattr(model, "class_names", None) or range(model.config.num_classes))
+    category_ids = list(category_ids or getattr(model, "category_ids", None) or range(model.config.num_classes))
+    onnx.helper.set_model_props(proto, export_metadata(model.config, class_names, category_ids, size))
     onnx.save(proto, str(path))
     onnx.checker.check_model(str(path))
     if check:
@@ -135,18 +140,20 @@ def export_onnx(
     return path
 
 
-def export_metadata(model: RTDETR, image_size: tuple[int, int]) -> dict[str, str]:
+def export_metadata(
+    config: ModelConfig, class_names: list, category_ids: list, image_size: tuple[int, int]
+) -> dict[str, str]:
     """The `metadata_props` of an exported model: everything needed to use it without this package."""
     height, width = image_size
     return {
-        "class_names": json.dumps(list(model.class_names)),
-        "category_ids": json.dumps([int(i) for i in model.category_ids]),
+        "class_names": json.dumps([str(n) for n in class_names]),
+        "category_ids": json.dumps([int(i) for i in category_ids]),
         "image_size": json.dumps([height, width]),
         "preprocessing": f"RGB, resize to {height}x{width} (HxW) ignoring aspect ratio, /255, no mean/std",
         "inputs": "images float32 [N,3,H,W]; orig_target_sizes int64 [N,2] as (width, height)",
         "outputs": "labels int64 [N,K] 0..C-1 (index into class_names/category_ids); "
         "boxes float32 [N,K,4] pixel xyxy in the original image; scores float32 [N,K], sorted",
-        "model_config": json.dumps(config_dict(model.config)),
+        "model_config": json.dumps(config_dict(config)),
         "producer": "rtdetr",
     }
 
@@ -162,20 +169,16 @@ def sample_image() -> Path:
     return Path(str(resources.files("rtdetr") / "assets" / "sample.jpg"))
 
 
-def check_onnx(path: str | Path, model: RTDETR, image: str | Path | None = None) -> OnnxCheck:
+def check_onnx(path: str | Path, model: RTDETRModel, image: str | Path | None = None) -> OnnxCheck:
     """Run the exported model in ONNX Runtime on `image` (default: the bundled sample) and compare with
     `model` in deploy mode, detection by detection. Raises `ExportCheckError` beyond the tolerances."""
     image = Path(image or sample_image())
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    height, width = session.get_inputs()[0].shape[2:]
-    pil = Image.open(image).convert("RGB")
-    pixels = np.asarray(pil.resize((width, height), Image.BILINEAR), dtype=np.float32) / 255.0
-    images = torch.from_numpy(pixels).permute(2, 0, 1)[None].contiguous()
-    sizes = torch.tensor([pil.size], dtype=torch.int64)
+    session = onnx_session(path)
+    images, sizes = next(model_input_batches(image, tuple(session.get_inputs()[0].shape[2:]), 1))
     with torch.no_grad():
-        expected = DeployedDetector(deployed_copy(model)).eval()(images, sizes)
+        expected = EndToEndDetector(deployed_copy(model)).eval()(images, sizes)
     got = session.run(OUTPUT_NAMES, {"images": images.numpy(), "orig_target_sizes": sizes.numpy()})
-    scale = float(max(pil.size))
+    scale = float(sizes.max())
     compared, score_diff, box_diff = matched_max_diff(
         [t[0] for t in expected], [torch.from_numpy(a[0]) for a in got], box_scale=scale
     )
@@ -223,3 +226,32 @@ def matched_max_diff(
     if mismatch[keep].any():
         return int(keep.sum()), float("inf"), float("inf")
     return int(keep.sum()), score_diff[keep].max().item(), box_diff[keep].max().item()
+
+
+def onnx_session(path: str | Path, device: str = "cpu", threads: int | None = None) -> ort.InferenceSession:
+    """An ONNX Runtime session of `path` with its default options (thread spinning on, as users run it) and
+    `threads` intra-op threads (default: as many as torch uses). Errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ONNX model not found: {path}")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers_for(device))
+    except Exception as error:  # ORT raises its own exception types for unreadable graphs
+        raise ValueError(f"cannot load ONNX model {path}: {error}") from error
+
+
+def providers_for(device: str) -> list[str | tuple[str, dict]]:
+    """ONNX Runtime execution providers for a torch-style device string ('cpu', 'cuda', 'cuda:0')."""
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device.startswith("cuda"):
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise ValueError(
+                f"device {device}: this onnxruntime has no CUDA provider (available: {ort.get_available_providers()}); "
+                "install onnxruntime-gpu or use --device cpu"
+            )
+        index = int(device.split(":")[1]) if ":" in device else 0
+        return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+    raise ValueError(f"device {device}: ONNX Runtime runs on 'cpu' or 'cuda[:i]'")

@@ -14,45 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .layers import ConvNormLayer, freeze_batch_norms
+
 BLOCKS_PER_DEPTH = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
-
-
-class FrozenBatchNorm2d(nn.Module):
-    """BatchNorm2d with fixed statistics and affine parameters, all stored as buffers.
-
-    Holds weight, bias, running_mean and running_var only (no `num_batches_tracked`, which the official
-    checkpoints drop too): y = x * w / sqrt(var + eps) + (b - mean * w / sqrt(var + eps)).
-    """
-
-    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.eps = eps
-        self.register_buffer("weight", torch.ones(num_features))
-        self.register_buffer("bias", torch.zeros(num_features))
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_var", torch.ones(num_features))
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
-        state_dict.pop(prefix + "num_batches_tracked", None)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def forward(self, x: Tensor) -> Tensor:
-        scale = self.weight * (self.running_var + self.eps).rsqrt()
-        shift = self.bias - self.running_mean * scale
-        return x * scale[None, :, None, None] + shift[None, :, None, None]
-
-
-class ConvNormLayer(nn.Module):
-    """Conv2d (no bias, 'same' padding for odd k) -> BatchNorm2d -> optional activation."""
-
-    def __init__(self, ch_in: int, ch_out: int, kernel_size: int, stride: int, act: nn.Module | None = None) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(ch_in, ch_out, kernel_size, stride, padding=(kernel_size - 1) // 2, bias=False)
-        self.norm = nn.BatchNorm2d(ch_out)
-        self.act = act if act is not None else nn.Identity()
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.act(self.norm(self.conv(x)))
 
 
 def projection_shortcut(ch_in: int, ch_out: int, stride: int) -> nn.Module:
@@ -159,16 +123,3 @@ class PResNet(nn.Module):
             if i > 0:
                 outs.append(x)
         return outs
-
-
-def freeze_batch_norms(module: nn.Module) -> nn.Module:
-    """Replace every BatchNorm2d below `module` (in place) by a FrozenBatchNorm2d with the same values."""
-    for name, child in module.named_children():
-        if isinstance(child, nn.BatchNorm2d):
-            frozen = FrozenBatchNorm2d(child.num_features, child.eps)
-            for key in ("weight", "bias", "running_mean", "running_var"):
-                getattr(frozen, key).copy_(getattr(child, key).detach())
-            setattr(module, name, frozen)
-        else:
-            freeze_batch_norms(child)
-    return module

@@ -76,29 +76,29 @@ def build_denoising_groups(
 
     labels = torch.full((batch, max_gt), num_classes, dtype=torch.int32, device=device)
     boxes = torch.zeros(batch, max_gt, 4, device=device)
-    pad = torch.zeros(batch, max_gt, dtype=torch.bool, device=device)  # True where a real gt sits
+    is_real = torch.zeros(batch, max_gt, dtype=torch.bool, device=device)  # True where a real gt sits (not padding)
     if empty_batch:
         boxes[:] = torch.tensor(EMPTY_BATCH_BOX, device=device)
     for i, (t, n) in enumerate(zip(targets, num_gts)):
         if n > 0:
             labels[i, :n] = t["labels"].to(device=device, dtype=torch.int32)
             boxes[i, :n] = t["boxes"].to(device)
-            pad[i, :n] = True
+            is_real[i, :n] = True
 
     labels = labels.tile(1, 2 * num_group)
     boxes = boxes.tile(1, 2 * num_group, 1)
-    pad = pad.tile(1, 2 * num_group)
+    is_real = is_real.tile(1, 2 * num_group)
     negative = torch.zeros(batch, 2 * max_gt, 1, device=device)
     negative[:, max_gt:] = 1
     negative = negative.tile(1, num_group, 1)
-    positive = (1 - negative.squeeze(-1)) * pad
+    positive = (1 - negative.squeeze(-1)) * is_real
     positive_idx = list(torch.nonzero(positive)[:, 1].split([n * num_group for n in num_gts]))
     num_dn = 2 * max_gt * num_group
 
     if label_noise_ratio > 0:
         flip = torch.rand_like(labels, dtype=torch.float) < (label_noise_ratio * 0.5)
         new_labels = torch.randint_like(flip, 0, num_classes, dtype=labels.dtype)
-        labels = torch.where(flip & pad, new_labels, labels)
+        labels = torch.where(flip & is_real, new_labels, labels)
 
     if box_noise_scale > 0:
         xyxy = box_cxcywh_to_xyxy(boxes)

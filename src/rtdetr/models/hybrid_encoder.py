@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backbone import ConvNormLayer
+from .layers import ConvNormLayer, fold_batch_norm
 
 
 def build_2d_sincos_position_embedding(
@@ -23,7 +23,7 @@ def build_2d_sincos_position_embedding(
     Channel layout (official `build_2d_sincos_position_embedding`): [sin(r w), cos(r w), sin(c w), cos(c w)]
     with r the row, c the column and w = temperature^(-k / (dim/4)), k = 0..dim/4-1. On square maps this is
     bit-identical to the official order; on non-square maps it gives each token its true (row, column), as
-    Hugging Face does (the official meshgrid order scrambles them; facts section 3.2).
+    Hugging Face does (the official meshgrid order scrambles non-square maps).
     """
     if dim % 4 != 0:
         raise ValueError(f"position embedding dim must be divisible by 4, got {dim}")
@@ -94,14 +94,6 @@ class RepVggBlock(nn.Module):
         self.conv.bias.copy_(b3 + b1)
         self.to(device=w3.device, dtype=w3.dtype)
         del self.conv1, self.conv2
-
-
-def fold_batch_norm(conv: nn.Conv2d, norm: nn.Module) -> tuple[Tensor, Tensor]:
-    """Weight and bias of the conv equal to norm(conv(x)) in eval mode: k * g / s and b - m * g / s, s = sqrt(v + eps)."""
-    std = (norm.running_var + norm.eps).sqrt()
-    scale = norm.weight / std
-    bias = conv.bias if conv.bias is not None else torch.zeros_like(norm.running_mean)
-    return conv.weight * scale[:, None, None, None], norm.bias + (bias - norm.running_mean) * scale
 
 
 class CSPRepLayer(nn.Module):

@@ -6,22 +6,23 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from .backbone import FrozenBatchNorm2d, PResNet
+from .backbone import PResNet
 from .decoder import RTDETRDecoder
-from .hybrid_encoder import CSPRepLayer, HybridEncoder, RepVggBlock, fold_batch_norm
+from .hybrid_encoder import CSPRepLayer, HybridEncoder, RepVggBlock
+from .layers import fold_conv_batch_norms
 
 
 class RTDETRModel(nn.Module):
     """Images [B, 3, H, W] RGB in [0, 1] (H, W multiples of 32) -> decoder outputs (see `RTDETRDecoder`).
 
     Submodules are assigned backbone, decoder, encoder, the official order, so state_dict keys and order
-    equal the official v1 checkpoints'.
+    equal the official v1 checkpoints'. `config` is kept (read-only) for whoever saves or describes the model.
     """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        c = config
-        self.backbone = PResNet(c.depth, c.stem_channels, c.stage_channels, c.stage_blocks, c.freeze_at, c.freeze_norm)
+        c = self.config = config
+        self.backbone = build_backbone(c)
         self.decoder = RTDETRDecoder(
             num_classes=c.num_classes,
             in_channels=[c.encoder_hidden_dim] * 3,
@@ -47,6 +48,12 @@ class RTDETRModel(nn.Module):
             pe_temperature=c.pe_temperature,
         )
 
+    def describe(self) -> str:
+        """'R18 (256-d encoder, 3 decoder layers, 80 classes)'."""
+        c = self.config
+        return (f"R{c.depth} ({c.encoder_hidden_dim}-d encoder, {c.num_decoder_layers} decoder layers, "
+                f"{c.num_classes} classes)")  # fmt: skip
+
     def forward(self, images: Tensor, targets: list[dict[str, Tensor]] | None = None) -> dict:
         if images.shape[-2] % 32 or images.shape[-1] % 32:
             raise ValueError(f"image height and width must be multiples of 32, got {tuple(images.shape[-2:])}")
@@ -67,16 +74,10 @@ class RTDETRModel(nn.Module):
         return self.to(memory_format=torch.channels_last)
 
 
-def fold_conv_batch_norms(module: nn.Module) -> None:
-    """Fold each BatchNorm that directly follows a Conv2d (ConvNormLayer conv/norm, Sequential conv->norm)."""
-    for child in module.children():
-        convs = [(n, m) for n, m in child.named_children()]
-        for (name_a, a), (name_b, b) in zip(convs, convs[1:]):
-            if isinstance(a, nn.Conv2d) and isinstance(b, (nn.BatchNorm2d, FrozenBatchNorm2d)):
-                weight, bias = fold_batch_norm(a, b)
-                fused = nn.Conv2d(a.in_channels, a.out_channels, a.kernel_size, a.stride, a.padding, bias=True)
-                fused.weight.copy_(weight)
-                fused.bias.copy_(bias)
-                setattr(child, name_a, fused.to(device=weight.device, dtype=weight.dtype))
-                setattr(child, name_b, nn.Identity())
-        fold_conv_batch_norms(child)
+def build_backbone(config: ModelConfig) -> nn.Module:
+    """The backbone `config.backbone` names; it returns the stride 8, 16, 32 feature maps of
+    `config.backbone_out_channels` channels."""
+    c = config
+    if c.backbone == "resnet_vd":
+        return PResNet(c.depth, c.stem_channels, c.stage_channels, c.stage_blocks, c.freeze_at, c.freeze_norm)
+    raise ValueError(f"unknown backbone {c.backbone!r}; available: resnet_vd")

@@ -1,6 +1,7 @@
-"""COCO evaluation of a model on a dataset split: `evaluate(weights, data=..., split="val", output=...)`.
+"""Running a model over a dataset split and scoring it: `evaluate(weights, data=..., split="val", output=...)`.
 
-Used by the trainer every epoch (with the EMA weights) and by `rtdetr eval`. Under torchrun every process
+The scoring itself is `evaluator.CocoEvaluator` (pycocotools). Used by the trainer every epoch (with the EMA
+weights), by `RTDETR.evaluate` and by `rtdetr eval`. Under torchrun every process
 scores a shard of the images and the detections are gathered before COCOeval runs on rank 0.
 """
 
@@ -11,21 +12,23 @@ import logging
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from ..api import RTDETR
 from ..config import autocast
 from ..data.coco import BatchCollator, CocoDetection, find_split
 from ..data.transforms import eval_transforms
+from ..models.rtdetr import RTDETRModel
 from ..postprocess import postprocess
-from .distributed import Process, cleanup_distributed, init_distributed
+from ..weights.loading import fit_state_dict, read_weights
+from .distributed import Rank, cleanup_distributed, init_distributed
 from .evaluator import CocoEvaluator
 
 logger = logging.getLogger(__name__)
 
 
-def eval_loader(dataset: CocoDetection, batch_size: int, num_workers: int, process: Process) -> DataLoader:
+def eval_loader(dataset: CocoDetection, batch_size: int, num_workers: int, process: Rank) -> DataLoader:
     """Batches of this process's shard (every world_size-th image, in order; no padding, no shuffling)."""
     shard = Subset(dataset, range(process.rank, len(dataset), process.world_size))
     return DataLoader(
@@ -36,10 +39,16 @@ def eval_loader(dataset: CocoDetection, batch_size: int, num_workers: int, proce
 
 @torch.no_grad()
 def evaluate_model(
-    model: RTDETR, loader: DataLoader, evaluator: CocoEvaluator, process: Process, amp: str = "off"
+    model: nn.Module,
+    loader: DataLoader,
+    evaluator: CocoEvaluator,
+    category_ids: list[int],
+    class_names: list[str],
+    process: Rank,
+    amp: str = "off",
 ) -> dict | None:
     """Run `model` (eval mode) over `loader` and score it: the metrics dict of `CocoEvaluator.summarize`
-    on rank 0, None on the other ranks. Detections are mapped to the model's category ids."""
+    on rank 0, None on the other ranks. Label i of the model is `category_ids[i]` / `class_names[i]`."""
     was_training = model.training
     model.eval()
     for images, targets in tqdm(loader, desc="eval", unit="batch", leave=False, disable=not process.is_main):
@@ -47,16 +56,16 @@ def evaluate_model(
             outputs = model(images.to(process.device, non_blocking=True))
         outputs = {k: outputs[k].float().cpu() for k in ("pred_logits", "pred_boxes")}
         orig_sizes = torch.stack([t["orig_size"] for t in targets])
-        detections = postprocess(outputs, orig_sizes, model.category_ids, model.class_names)
+        detections = postprocess(outputs, orig_sizes, category_ids, class_names)
         evaluator.update([int(t["image_id"]) for t in targets], detections)
     evaluator.gather()
     model.train(was_training)
     return evaluator.summarize() if process.is_main else None
 
 
-def check_categories(model: RTDETR, dataset: CocoDetection) -> None:
+def check_categories(category_ids: list[int], class_names: list[str], dataset: CocoDetection) -> None:
     """The model's (category id, class name) pairs must be the dataset's: otherwise scores are meaningless."""
-    ours = dict(zip(model.category_ids, model.class_names))
+    ours = dict(zip(category_ids, class_names))
     theirs = dict(zip(dataset.category_ids, dataset.class_names))
     wrong = [f"{i}: model '{name}' vs dataset '{theirs.get(i, '<absent>')}'" for i, name in ours.items()
              if theirs.get(i) != name]  # fmt: skip
@@ -68,7 +77,7 @@ def check_categories(model: RTDETR, dataset: CocoDetection) -> None:
 
 
 def evaluate(
-    weights: str | Path | RTDETR,
+    weights: str | Path | nn.Module,
     data: str | Path | None = None,
     split: str = "val",
     output: str | Path | None = None,
@@ -81,6 +90,8 @@ def evaluate(
     device: str = "auto",
     amp: str = "off",
     verbose: bool = True,
+    class_names: list[str] | None = None,
+    category_ids: list[int] | None = None,
 ) -> dict:
     """COCO box metrics of a checkpoint (or model) on a split of a COCO/Roboflow dataset folder `data`
     (or an explicit `ann_file` + `image_dir`).
@@ -89,20 +100,26 @@ def evaluate(
     process). With `output`, writes output/metrics.json and output/predictions.json (COCO results with the
     dataset's own image and category ids). Images are resized to `image_size` (H, W), default the model's.
     amp: 'bf16' / 'fp16' run the forward under autocast (e.g. to measure bf16 inference accuracy).
+    weights: a checkpoint any `read_weights` reads, or a network with its `class_names` and `category_ids`.
     """
     process = init_distributed(device)
     try:
-        model = weights if isinstance(weights, RTDETR) else RTDETR.from_checkpoint(weights)
+        if isinstance(weights, nn.Module):
+            model = weights
+            if class_names is None or category_ids is None:
+                raise ValueError("evaluating a network needs its class_names and category_ids")
+        else:
+            model, class_names, category_ids = _load_network(weights)
         model = model.to(process.device).eval()
         if ann_file is None or image_dir is None:
             if data is None:
                 raise ValueError("evaluate needs `data` (a dataset folder) or both `ann_file` and `image_dir`")
             ann_file, image_dir = find_split(data, split)
         dataset = CocoDetection(ann_file, image_dir, eval_transforms(tuple(image_size or model.config.image_size)))
-        check_categories(model, dataset)
+        check_categories(category_ids, class_names, dataset)
         evaluator = CocoEvaluator(dataset.ann_file, dataset.class_names)
         loader = eval_loader(dataset, batch_size, num_workers, process)
-        metrics = evaluate_model(model, loader, evaluator, process, amp)
+        metrics = evaluate_model(model, loader, evaluator, category_ids, class_names, process, amp)
         if process.is_main:
             if verbose:
                 print(f"{dataset.ann_file}: {len(dataset)} images\n{evaluator.table()}")
@@ -114,6 +131,13 @@ def evaluate(
         return metrics if not process.distributed else _broadcast(metrics)
     finally:
         cleanup_distributed()
+
+
+def _load_network(path: str | Path) -> tuple[RTDETRModel, list[str], list[int]]:
+    weights = read_weights(path)
+    network = RTDETRModel(weights.config)
+    fit_state_dict(network, weights.state_dict, weights.source)
+    return network, weights.class_names, weights.category_ids
 
 
 def _broadcast(metrics: dict | None) -> dict:

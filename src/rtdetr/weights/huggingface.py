@@ -1,12 +1,12 @@
 """Hugging Face `RTDetrForObjectDetection` folders <-> our (official v1) names and `ModelConfig`.
 
-HF splits every self-attention `in_proj` into q/k/v projections and renames most modules (facts section 10).
+HF splits every self-attention `in_proj` into q/k/v projections and renames most modules (see `_RULES`).
 Two HF naming generations exist: the in-memory names of transformers 5.x (`self_attn.o_proj`, `mlp.fc1`,
 `encoder.aifi.N`) and the checkpoint names of transformers 4.x (`out_proj`, `fc1`, `encoder.encoder.N`), which
 transformers 5.x still writes in `save_pretrained` and renames on load. Both are read; folders are written
 with the checkpoint names, so transformers 4.x and 5.x both load them. transformers itself is never imported.
 
-Equivalence (facts section 10): HF equals the official model on eval outputs when `eval_size` is None; it has
+Equivalence (measured in tests/test_huggingface.py): HF equals the official model on eval outputs when `eval_size` is None; it has
 no `eval_idx` (always the last decoder layer), builds exactly 3 RepVGG blocks per CSP layer and one number of
 sampling points for all levels. Settings outside that raise ValueError naming the file and field.
 """
@@ -20,11 +20,11 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..config import ModelConfig
 from ..models.backbone import BLOCKS_PER_DEPTH
-from ..models.rtdetr import RTDETRModel
+from .checkpoint import torch_load
 
 # Names with {placeholders}: {leaf} is a parameter name (no dot), {rest} any tail, every other one an index.
 _PLACEHOLDER_PATTERNS = {"leaf": r"[A-Za-z_]+", "rest": r".+"}
@@ -183,7 +183,7 @@ def hf_to_official(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     """A Hugging Face `RTDetrForObjectDetection` state dict (transformers 5.x names or 4.x checkpoint names)
     -> official v1 names, q/k/v joined into `in_proj_*`.
 
-    HF's frozen backbone norms store no `num_batches_tracked`; `fit_to_model` adds what a model needs.
+    HF's frozen backbone norms store no `num_batches_tracked`; `weights.loading.fit_state_dict` adds them.
     """
     return _rename(_join_qkv(_hf5_names(state_dict)), _TO_OFFICIAL, "Hugging Face")
 
@@ -194,36 +194,25 @@ def official_to_hf(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def fit_to_model(state_dict: dict[str, Tensor], config: ModelConfig, source: str = "state dict") -> dict[str, Tensor]:
-    """An official-named state dict made to load strictly into `RTDETRModel(config)`.
+    """An official-named state dict converted from HF, completed to what `RTDETRModel(config)` keeps.
 
-    Adds a zero `num_batches_tracked` to BatchNorm layers that lack one (HF's frozen backbone norms keep none;
-    the count only matters for momentum=None), drops the counters our frozen norms do not keep, and adds a zero
-    denoising class embedding when `num_denoising` is 0 (HF then has none; it is never used). Anything else
-    missing, unexpected or mis-shaped raises ValueError naming `source`.
+    HF's frozen backbone norms store no `num_batches_tracked`: a zero count is added to every BatchNorm that
+    lacks one (it only matters for momentum=None), except the backbone's when `freeze_norm` (our frozen norms
+    keep no counter); with `num_denoising` 0 HF builds no denoising class embedding, so a zero one (never used)
+    is added. Whether the result fits the model is checked when it is loaded (`weights.loading.fit_state_dict`).
     """
-    with torch.device("meta"):  # names and shapes only: no memory, no initialisation cost
-        expected = RTDETRModel(config).state_dict()
-    out = {k: v for k, v in state_dict.items() if k in expected or not k.endswith(".num_batches_tracked")}
-    for key in expected:
-        if key.endswith(".num_batches_tracked") and key not in out:
-            out[key] = torch.zeros((), dtype=torch.long)
+    out = dict(state_dict)
+    for key in state_dict:
+        if key.endswith(".running_mean"):
+            counter = key.removesuffix("running_mean") + "num_batches_tracked"
+            frozen = config.freeze_norm and key.startswith("backbone.")
+            if frozen:
+                out.pop(counter, None)
+            else:
+                out.setdefault(counter, torch.zeros((), dtype=torch.long))
     embed = "decoder.denoising_class_embed.weight"
     if config.num_denoising == 0 and embed not in out:
-        out[embed] = torch.zeros(expected[embed].shape)
-    missing = sorted(expected.keys() - out.keys())
-    unexpected = sorted(out.keys() - expected.keys())
-    mismatched = [
-        f"{k} {tuple(out[k].shape)} (model: {tuple(v.shape)})"
-        for k, v in expected.items()
-        if k in out and out[k].shape != v.shape
-    ]
-    problems = [
-        f"{label}: {_preview(names)}"
-        for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched))
-        if names
-    ]
-    if problems:
-        raise ValueError(f"{source} does not fit the model its config describes; " + "; ".join(problems))
+        out[embed] = torch.zeros(config.num_classes + 1, config.hidden_dim)
     return out
 
 
@@ -479,12 +468,13 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _load_weights_file(path: Path) -> dict[str, Tensor]:
-    try:
-        if path.suffix == ".safetensors":
-            return load_file(path, device="cpu")
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # safetensors and torch raise assorted types for corrupt or truncated files
-        raise ValueError(f"cannot read weights {path}: {type(error).__name__}: {error}") from error
+    if path.suffix != ".safetensors":
+        state_dict = torch_load(path)
+    else:
+        try:
+            state_dict = load_file(path, device="cpu")
+        except Exception as error:  # safetensors raises assorted types for corrupt or truncated files
+            raise ValueError(f"cannot read weights {path}: {type(error).__name__}: {error}") from error
     if not isinstance(state_dict, dict):
         raise ValueError(f"{path} holds a {type(state_dict).__name__}, not a state dict")
     return state_dict
@@ -524,8 +514,7 @@ def _class_names(config: dict[str, Any], source: str) -> list[str] | None:
 
 
 def read_hf_folder(folder: str | Path) -> tuple[ModelConfig, dict[str, Tensor], list[str] | None]:
-    """(config, official-named state dict that loads strictly into RTDETRModel(config), class names or None)
-    of a Hugging Face RT-DETR folder (`config.json` + `model.safetensors` or `pytorch_model.bin`)."""
+    """(config, official-named state dict, class names or None) of a Hugging Face RT-DETR folder (`config.json` + `model.safetensors` or `pytorch_model.bin`)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise NotADirectoryError(f"{folder} is not a Hugging Face model folder")
@@ -537,8 +526,7 @@ def read_hf_folder(folder: str | Path) -> tuple[ModelConfig, dict[str, Tensor], 
         state_dict = hf_to_official(hf_state_dict)
     except ValueError as error:
         raise ValueError(f"{weights_path}: {error}") from None
-    state_dict = fit_to_model(state_dict, config, source=f"{weights_path} (with {config_path})")
-    return config, state_dict, _class_names(hf_config, str(config_path))
+    return config, fit_to_model(state_dict, config), _class_names(hf_config, str(config_path))
 
 
 def _checkpoint_names(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -552,7 +540,7 @@ def _checkpoint_names(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def save_hf_folder(
-    model: RTDETRModel, config: ModelConfig, folder: str | Path, class_names: list[str] | None = None
+    model: nn.Module, config: ModelConfig, folder: str | Path, class_names: list[str] | None = None
 ) -> None:
     """Write `config.json` + `model.safetensors` that `RTDetrForObjectDetection.from_pretrained(folder)` loads
     with no missing or unexpected tensors. The model must not be `deploy()`-ed (HF has no fused RepVGG)."""

@@ -1,7 +1,7 @@
 """Official (lyuwenyu/RT-DETR) checkpoints: unwrap, normalise v2 key names to v1, infer the variant.
 
 Our module names equal the official v1 state_dict names, so an official v1 checkpoint loads as is; the v2
-code names a few modules differently and stores some derived buffers (facts section 2).
+code names a few modules differently and stores some derived buffers (`_V2_RENAMES`, `_DERIVED`).
 """
 
 from __future__ import annotations

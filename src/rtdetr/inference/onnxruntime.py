@@ -12,26 +12,20 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-import onnxruntime as ort
 import torch
 from torch import Tensor
 
 from ..data.images import ImageInput, model_input_batches
-from ..postprocess import Detections
-from .onnx import INPUT_NAMES, OUTPUT_NAMES
+from ..export.onnx import INPUT_NAMES, OUTPUT_NAMES, onnx_session
+from ..postprocess import Detections, select_detections
 
 
 class OnnxDetector:
     """An exported RT-DETR (graph with the top-K post-processor inside) behind `RTDETR.predict`'s interface."""
 
-    def __init__(self, path: str | Path, providers: Sequence[str | tuple[str, dict]] | None = None) -> None:
+    def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None) -> None:
         self.path = Path(path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"ONNX model not found: {self.path}")
-        try:
-            self.session = ort.InferenceSession(str(self.path), providers=list(providers or ["CPUExecutionProvider"]))
-        except Exception as error:  # ORT raises its own exception types for unreadable graphs
-            raise ValueError(f"cannot load ONNX model {self.path}: {error}") from error
+        self.session = onnx_session(self.path, device, threads)
         names = [i.name for i in self.session.get_inputs()]
         if names != INPUT_NAMES:
             raise ValueError(f"{self.path} has inputs {names}; an rtdetr export has {INPUT_NAMES}")
@@ -72,29 +66,10 @@ class OnnxDetector:
                 f"{image_size[0]}x{image_size[1]}: export again with that --img-size"
             )
         step = min(batch_size, self.max_batch or batch_size)
-        ids = torch.as_tensor(self.category_ids)
         results: list[Detections] = []
         for batch, orig_sizes in model_input_batches(images, self.image_size, step):
             labels, boxes, scores = self.run(batch, orig_sizes)
-            # The graph's top-K is sorted by score: the first max_detections are the best ones.
-            labels, boxes, scores = labels[:, :max_detections], boxes[:, :max_detections], scores[:, :max_detections]
-            for lab, box, score in zip(labels, boxes, scores):
-                keep = score > score_threshold
-                lab, box, score = lab[keep], box[keep], score[keep]
-                results.append(Detections(box, score, ids[lab], [self.class_names[i] for i in lab.tolist()]))
-        return results
-
-
-def providers_for(device: str) -> list[str | tuple[str, dict]]:
-    """ONNX Runtime execution providers for a torch-style device string ('cpu', 'cuda', 'cuda:0')."""
-    if device == "cpu":
-        return ["CPUExecutionProvider"]
-    if device.startswith("cuda"):
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise ValueError(
-                f"device {device}: this onnxruntime has no CUDA provider (available: {ort.get_available_providers()}); "
-                "install onnxruntime-gpu or use --device cpu"
+            results += select_detections(
+                labels, boxes, scores, self.category_ids, self.class_names, score_threshold, max_detections
             )
-        index = int(device.split(":")[1]) if ":" in device else 0
-        return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
-    raise ValueError(f"device {device}: ONNX Runtime runs on 'cpu' or 'cuda[:i]'")
+        return results

@@ -14,19 +14,15 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
-import onnxruntime as ort
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..config import autocast
-from .onnx import DeployedDetector, deployed_copy, export_onnx, matched_max_diff
-from .onnxruntime_backend import providers_for
-
-if TYPE_CHECKING:
-    from ..api import RTDETR
+from ..export.onnx import EndToEndDetector, deployed_copy, export_onnx, matched_max_diff, onnx_session
+from ..models.rtdetr import RTDETRModel
 
 PAUSE_S = 0.05  # idle seconds before each timed call (see `time_interleaved`)
 FLOPS_NOTE = "FLOPs = 2 x multiply-adds, counted by torch.utils.flop_counter.FlopCounterMode (convs and matmuls)"
@@ -91,17 +87,8 @@ def time_interleaved(
     return {name: Timing(t) for name, t in times.items()}
 
 
-def ort_session(path: str | Path, device: str = "cpu", threads: int | None = None) -> ort.InferenceSession:
-    """An ONNX Runtime session with its default options (thread spinning on, as users run it) and `threads`
-    intra-op threads (default: as many as torch uses, for a fair comparison). Time it with
-    `time_interleaved`'s pause: its spinning threads would otherwise slow down whatever runs next."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads or torch.get_num_threads()
-    return ort.InferenceSession(str(path), options, providers=providers_for(device))
-
-
 def benchmark_model(
-    model: RTDETR,
+    model: RTDETRModel,
     image_size: tuple[int, int],
     batch_size: int = 1,
     device: str = "cpu",
@@ -118,11 +105,11 @@ def benchmark_model(
     """
     images = torch.rand(batch_size, 3, *image_size, generator=torch.Generator().manual_seed(0))
     sizes = torch.tensor([[image_size[1], image_size[0]]] * batch_size)
-    eager = DeployedDetector(model).eval()
-    deployed = DeployedDetector(deployed_copy(model)).to(device).eval()
+    eager = EndToEndDetector(model).eval()
+    deployed = EndToEndDetector(deployed_copy(model)).to(device).eval()
     with tempfile.TemporaryDirectory() as tmp:
         path = export_onnx(model, onnx_path or Path(tmp) / "model.onnx", image_size, check=False)
-        session = ort_session(path, device)
+        session = onnx_session(path, device)
     feeds = {"images": images.numpy(), "orig_target_sizes": sizes.numpy()}
     x, s = images.to(device), sizes.to(device)
     candidates = {

@@ -1,0 +1,35 @@
+"""`rtdetr predict`: detect in images, folders, globs and videos; annotated copies and JSON."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..api import load_detector
+from ..inference.sources import PredictOptions, predict_sources
+from .arguments import add_amp, add_device, add_image_size, add_model_arguments, resolve_device
+
+
+def run(args: argparse.Namespace) -> int:
+    detector = load_detector(args.weights, args.preset, args.decoder_layers, resolve_device(args.device))
+    options = PredictOptions(args.score_threshold, args.img_size, args.batch_size, args.max_detections, args.amp)
+    summary = predict_sources(detector, args.source, args.output, options)
+    print(f"{len(summary.images)} images, {len(summary.videos)} videos -> {args.output} "
+          f"({len(summary.failed)} skipped, listed in predictions.json)")  # fmt: skip
+    return 1 if summary.failed and not (summary.images or summary.videos) else 0
+
+
+def add(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="detect objects in images and videos; writes annotated files and JSON",
+                       description="Detect objects in image files, folders, glob patterns and videos. Writes "
+                       "<stem>_pred.jpg|.mp4, predictions.json (with every skipped file and why) and "
+                       "predictions_coco.json to --output.")  # fmt: skip
+    p.add_argument("source", nargs="+", help="image or video files, folders, glob patterns")
+    add_model_arguments(p, onnx=True)
+    add_device(p)
+    add_amp(p)
+    add_image_size(p)
+    p.add_argument("--score-threshold", type=float, default=0.5, help="default: %(default)s")
+    p.add_argument("--batch-size", type=int, default=8, help="images (or video frames) per forward pass")
+    p.add_argument("--max-detections", type=int, default=300, help="per image, before the score threshold")
+    p.add_argument("--output", default="runs/predict", help="default: %(default)s")
+    p.set_defaults(func=run)

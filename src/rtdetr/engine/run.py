@@ -1,0 +1,138 @@
+"""Starting a training run: `train(model, data=..., **settings) -> output folder`.
+
+    from rtdetr.engine.run import train
+    out = train("rtdetr_r18vd", data="datasets/my_data", epochs=12, batch_size=8)   # out/best.pt, out/last.pt
+    out = train(data="datasets/my_data", weights="rtdetr_r18vd_dec3_6x_coco_from_paddle.pth")  # fine-tune
+    out = train(resume="runs/train/last.pt")                                                  # continue
+
+This module resolves what the run is (the network, its starting weights, the data, the settings) and hands it
+to `Trainer`, which owns the loop. `RTDETR.fit` calls it with the model itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from ..config import ModelConfig, TrainConfig, check_overrides, preset
+from ..data.coco import CocoDetection, find_split
+from ..models.rtdetr import RTDETRModel
+from ..weights.checkpoint import torch_load
+from ..weights.loading import fit_state_dict, read_weights
+from .distributed import cleanup_distributed, init_distributed
+from .rng import seed_everything
+from .trainer import Trainer
+
+logger = logging.getLogger(__name__)
+
+
+def build_model(
+    model: RTDETRModel | str | None, weights: str | Path | None, num_classes: int, overrides: dict[str, Any]
+) -> RTDETRModel:
+    """The network to train on a dataset of `num_classes` classes.
+
+    model: a preset name, a network (its weights are the starting point) or None (the architecture of
+    `weights`, else rtdetr_r18vd). weights: any checkpoint `read_weights` reads, loaded into the network;
+    with a different number of classes the class heads are re-initialised (and logged by name).
+    """
+    if isinstance(model, RTDETRModel) and (weights or overrides):
+        raise ValueError("pass either a model or a preset name with weights/config overrides, not both")
+    loaded = read_weights(weights) if weights else None
+    if isinstance(model, RTDETRModel):
+        config, state, source = model.config, model.state_dict(), "the given model"
+    else:
+        config = preset(model) if isinstance(model, str) else (loaded.config if loaded else preset("rtdetr_r18vd"))
+        state, source = (loaded.state_dict, loaded.source) if loaded else (None, "")
+    network = RTDETRModel(config.replace(**{"num_classes": num_classes, **overrides}))
+    if state is not None:
+        report = fit_state_dict(network, state, source, new_classes=True)
+        if not report.reinitialised:
+            logger.info("loaded %s (all %d tensors, class heads included)", source, len(state))
+    return network
+
+
+def split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Overrides by field name -> (TrainConfig ones, ModelConfig ones); unknown names raise."""
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(overrides) - train_fields - model_fields)
+    if unknown:
+        raise ValueError(
+            f"unknown setting(s) {', '.join(unknown)}; TrainConfig fields: {', '.join(sorted(train_fields))}; "
+            f"ModelConfig fields: {', '.join(sorted(model_fields))}"
+        )
+    train_overrides = check_overrides(TrainConfig, {k: v for k, v in overrides.items() if k in train_fields})
+    model_overrides = check_overrides(ModelConfig, {k: v for k, v in overrides.items() if k in model_fields})
+    return train_overrides, model_overrides
+
+
+def resolve_data(data: str | Path | None, paths: dict[str, Any]) -> dict[str, Path]:
+    """train_ann, train_images, val_ann, val_images: explicit ones win over those found in `data`."""
+    found: dict[str, Any] = {}
+    if data is not None:
+        found["train_ann"], found["train_images"] = find_split(data, "train")
+        found["val_ann"], found["val_images"] = find_split(data, "val")
+    found.update({k: v for k, v in paths.items() if v is not None})
+    missing = [k for k in ("train_ann", "train_images", "val_ann", "val_images") if found.get(k) is None]
+    if missing:
+        raise ValueError(f"no dataset: pass data=<folder> (COCO or Roboflow layout) or {', '.join(missing)}")
+    return {k: Path(v) for k, v in found.items()}
+
+
+def train(
+    model: RTDETRModel | str | None = None,
+    data: str | Path | None = None,
+    *,
+    weights: str | Path | None = None,
+    resume: str | Path | None = None,
+    train_ann: str | Path | None = None,
+    train_images: str | Path | None = None,
+    val_ann: str | Path | None = None,
+    val_images: str | Path | None = None,
+    callbacks: Sequence[Callable[[Trainer], None]] = (),
+    **overrides: Any,
+) -> Path:
+    """Train on a COCO-format dataset; returns the output folder (last.pt, best.pt, log.jsonl, curves.png).
+
+    model: preset name (e.g. 'rtdetr_r18vd'), a network (e.g. an RTDETR), or None (the architecture of
+    `weights`). data: a dataset folder in COCO or Roboflow layout (`find_split`), or explicit train/val paths.
+    weights: start from these weights (official, Hugging Face or ours; class heads re-initialised for new
+    classes). resume: continue a run from its last.pt (config, data paths and state come from it; TrainConfig
+    overrides such as epochs still apply). overrides: TrainConfig and ModelConfig fields by name.
+    """
+    train_overrides, model_overrides = split_overrides(overrides)
+    paths = {"train_ann": train_ann, "train_images": train_images, "val_ann": val_ann, "val_images": val_images}
+    checkpoint = torch_load(resume) if resume else None
+    if checkpoint is not None:
+        if model is not None or weights is not None or model_overrides:
+            raise ValueError("resume continues the saved model: do not pass a model, weights or ModelConfig fields")
+        # The run continues in the folder of its last.pt unless told otherwise.
+        saved = TrainConfig(**checkpoint["train_config"])
+        config = saved.replace(**{"output": str(Path(resume).parent), **train_overrides})
+        data_paths = resolve_data(data, {**checkpoint["data"], **{k: v for k, v in paths.items() if v}})
+    else:
+        data_paths = resolve_data(data, paths)
+    process = init_distributed(config.device if checkpoint else train_overrides.get("device", TrainConfig.device))
+    try:
+        skip_bad = config.skip_bad_images if checkpoint else train_overrides.get("skip_bad_images", False)
+        train_set = CocoDetection(data_paths["train_ann"], data_paths["train_images"], skip_bad_images=skip_bad)
+        if checkpoint is not None:
+            network = RTDETRModel(ModelConfig(**checkpoint["config"]))
+            if list(checkpoint["category_ids"]) != train_set.category_ids:
+                raise ValueError(f"{data_paths['train_ann']} has category ids {train_set.category_ids}, the "
+                                 f"checkpoint {checkpoint['category_ids']}: resume on the dataset it was trained on")  # fmt: skip
+        else:
+            seed_everything(train_overrides.get("seed", TrainConfig.seed))  # the same initial weights on every rank
+            network = build_model(model, weights, len(train_set.class_names), model_overrides)
+            config = TrainConfig.for_model(network.config, **train_overrides)
+        val_set = CocoDetection(data_paths["val_ann"], data_paths["val_images"])
+        seed_everything(config.seed + process.rank)  # augmentation and denoising noise differ per rank
+        trainer = Trainer(network, config, train_set, val_set, process, callbacks)
+        if checkpoint is not None:
+            trainer.load_state(checkpoint)
+        trainer.fit()
+        return trainer.output
+    finally:
+        cleanup_distributed()
