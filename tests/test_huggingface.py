@@ -22,12 +22,11 @@ from transformers import RTDetrConfig, RTDetrForObjectDetection, RTDetrResNetCon
 
 from rtdetr import RTDETR
 from rtdetr.config import PRESETS, ModelConfig  # noqa: E402
+from rtdetr.weights.hf_names import hf_to_official, official_to_hf  # noqa: E402
 from rtdetr.weights.huggingface import (  # noqa: E402
     fit_to_model,
     hf_config_from_model_config,
-    hf_to_official,
     model_config_from_hf,
-    official_to_hf,
     read_hf_folder,
     save_hf_folder,
 )

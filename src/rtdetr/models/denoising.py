@@ -50,6 +50,27 @@ def denoising_attention_mask(num_dn: int, num_queries: int, group_size: int, dev
     return mask
 
 
+def padded_targets(
+    targets: list[dict[str, Tensor]], num_gts: list[int], max_gt: int, num_classes: int, empty_batch: bool,
+    device: torch.device,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The targets padded to `max_gt` per image: labels int32 [B, max_gt] (padding: `num_classes`), boxes
+    [B, max_gt, 4] (padding zeros; a batch without boxes gets the official dummy box) and a mask [B, max_gt],
+    True where a real box sits."""
+    batch = len(targets)
+    labels = torch.full((batch, max_gt), num_classes, dtype=torch.int32, device=device)
+    boxes = torch.zeros(batch, max_gt, 4, device=device)
+    is_real = torch.zeros(batch, max_gt, dtype=torch.bool, device=device)
+    if empty_batch:
+        boxes[:] = torch.tensor(EMPTY_BATCH_BOX, device=device)
+    for i, (t, n) in enumerate(zip(targets, num_gts)):
+        if n > 0:
+            labels[i, :n] = t["labels"].to(device=device, dtype=torch.int32)
+            boxes[i, :n] = t["boxes"].to(device)
+            is_real[i, :n] = True
+    return labels, boxes, is_real
+
+
 def build_denoising_groups(
     targets: list[dict[str, Tensor]],
     num_classes: int,
@@ -74,16 +95,7 @@ def build_denoising_groups(
     num_group = max(num_denoising // max_gt, 1)
     batch = len(targets)
 
-    labels = torch.full((batch, max_gt), num_classes, dtype=torch.int32, device=device)
-    boxes = torch.zeros(batch, max_gt, 4, device=device)
-    is_real = torch.zeros(batch, max_gt, dtype=torch.bool, device=device)  # True where a real gt sits (not padding)
-    if empty_batch:
-        boxes[:] = torch.tensor(EMPTY_BATCH_BOX, device=device)
-    for i, (t, n) in enumerate(zip(targets, num_gts)):
-        if n > 0:
-            labels[i, :n] = t["labels"].to(device=device, dtype=torch.int32)
-            boxes[i, :n] = t["boxes"].to(device)
-            is_real[i, :n] = True
+    labels, boxes, is_real = padded_targets(targets, num_gts, max_gt, num_classes, empty_batch, device)
 
     labels = labels.tile(1, 2 * num_group)
     boxes = boxes.tile(1, 2 * num_group, 1)
