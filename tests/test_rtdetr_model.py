@@ -152,3 +152,16 @@ def test_cached_anchors_and_position_embedding_survive_inference_mode():
     (out["pred_logits"].sum() + out["pred_boxes"].sum() + out["enc_outputs"]["pred_logits"].sum()).backward()
     assert model.decoder.enc_score_head.weight.grad is not None
     assert model.encoder.encoder[0].layers[0].linear1.weight.grad is not None
+
+
+def test_an_input_too_small_for_the_queries_is_refused_with_the_smallest_size_that_works():
+    """Regression: --img-size 64 used to end in `selected index k out of range` from top-K."""
+    from rtdetr.config import encoder_tokens
+
+    assert encoder_tokens((64, 64)) == 8 * 8 + 4 * 4 + 2 * 2 and encoder_tokens((96, 128)) == 12 * 16 + 6 * 8 + 3 * 4
+    with pytest.raises(ValueError, match=r"64x64 gives 84 encoder tokens, fewer than the 300 queries.*128x128"):
+        preset("rtdetr_r18vd", image_size=(64, 64))
+    model = RTDETRModel(preset("rtdetr_tiny")).eval()  # 100 queries: 96x96 has 9 + 36 + 144 = 189 tokens
+    with pytest.raises(ValueError, match=r"84 encoder tokens, fewer than the 100 queries.*96x96"):
+        model(torch.rand(1, 3, 64, 64))
+    assert model(torch.rand(1, 3, 96, 96))["pred_logits"].shape == (1, 100, 80)

@@ -9,6 +9,7 @@ Values follow the official v1 configs (lyuwenyu/RT-DETR, `rtdetr_pytorch/configs
 from __future__ import annotations
 
 import dataclasses
+import math
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -72,6 +73,7 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.depth must be 18, 34, 50 or 101, got {self.depth}")
         if len(self.num_points) != 3:
             raise ValueError(f"ModelConfig.num_points needs one entry per feature level (3), got {self.num_points}")
+        check_input_size(self.image_size, self.num_queries)
         if not -self.num_decoder_layers <= self.eval_idx < self.num_decoder_layers:
             raise ValueError(
                 f"ModelConfig.eval_idx={self.eval_idx} is outside the {self.num_decoder_layers} decoder layers"
@@ -90,6 +92,27 @@ class ModelConfig:
     def replace(self, **overrides: Any) -> "ModelConfig":
         """A copy with fields overridden by name; unknown names and wrong types raise."""
         return dataclasses.replace(self, **check_overrides(ModelConfig, overrides))
+
+
+def encoder_tokens(image_size: tuple[int, int]) -> int:
+    """Encoder tokens (query-selection candidates) of an H x W input: the stride 8, 16 and 32 maps' cells."""
+    height, width = image_size
+    return sum(math.ceil(height / s) * math.ceil(width / s) for s in (8, 16, 32))
+
+
+def check_input_size(image_size: tuple[int, int], num_queries: int) -> None:
+    """Raise ValueError, naming the smallest square size that works, when an input has fewer encoder tokens
+    than the decoder selects queries (query selection takes the top `num_queries` tokens)."""
+    if any(side <= 0 or side % 32 for side in image_size):
+        raise ValueError(f"image size {image_size[0]}x{image_size[1]}: height and width must be multiples of 32")
+    tokens = encoder_tokens(image_size)
+    if tokens < num_queries:
+        smallest = next(side for side in range(32, 100_000, 32) if encoder_tokens((side, side)) >= num_queries)
+        raise ValueError(
+            f"image size {image_size[0]}x{image_size[1]} gives {tokens} encoder tokens, fewer than the "
+            f"{num_queries} queries the decoder selects: use at least {smallest}x{smallest} (or a model with "
+            f"num_queries <= {tokens})"
+        )
 
 
 AMP_MODES = ("off", "bf16", "fp16")

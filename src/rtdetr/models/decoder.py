@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import check_input_size
 from ..ops.boxes import inverse_sigmoid
 from .deform_attn import MSDeformableAttention
 from .denoising import DenoisingGroups, build_denoising_groups
@@ -211,6 +212,9 @@ class RTDETRDecoder(nn.Module):
         Every token is scored; invalid (border) anchors are zeroed in memory but stay eligible, as in the
         official code. Queries are detached: gradients reach the encoder through the enc_* heads only.
         """
+        if memory.shape[1] < self.num_queries:  # an input too small for the model (torch.topk would fail)
+            height, width = spatial_shapes[0]  # the stride-8 map
+            check_input_size((height * 8, width * 8), self.num_queries)
         anchors, valid_mask = self.anchors(spatial_shapes, memory)
         memory = valid_mask.to(memory.dtype) * memory  # multiply, not where(): ONNX-friendly (official)
         output_memory = self.enc_output(memory)
