@@ -114,18 +114,17 @@ class LRSchedule:
     each optimizer step) and `MultiStepLR` per epoch, whose milestone (1000) never fires within the published
     schedules, so the official lr is constant after warmup (shape 'constant': decay = 1, milestones=()).
 
-    Shape 'flat-cosine' (the decay of D-FINE / DEIM's FlatCosineLRScheduler): decay = 1 for the first
+    Shape 'flat-cosine' (the shape of DEIM's FlatCosineLRScheduler): decay = 1 for the first
     `cosine_start` = round(flat_fraction * total_steps) steps, then m + (1 - m) * (1 + cos(phase)) / 2 with
     m = min_lr_ratio, the phase rising linearly from 0 at `cosine_start` to pi at step `total_steps` (so the
-    last step runs at m * base_lr) and staying at pi after it.
+    last step runs at m * base_lr) and staying at pi after it. (DEIM ends its cosine where its epochs without
+    augmentation begin and holds the floor through them.)
 
     A time-budgeted run re-estimates its total: `set_total_steps` moves the end of the decay and keeps the lr
     continuous. While still flat the cosine start is recomputed from the new total (never before the current
     step); inside the cosine the decay restarts at the current step from the current phase, so the phase
     then rises linearly from there to pi at the new total.
     """
-
-    SHAPES = ("constant", "flat-cosine")
 
     def __init__(
         self,
@@ -138,8 +137,8 @@ class LRSchedule:
         flat_fraction: float = 0.5,
         min_lr_ratio: float = 0.05,
     ) -> None:
-        if shape not in self.SHAPES:
-            raise ValueError(f"LRSchedule shape must be one of {self.SHAPES}, got {shape!r}")
+        if shape not in TrainConfig.LR_SCHEDULES:
+            raise ValueError(f"LRSchedule shape must be one of {TrainConfig.LR_SCHEDULES}, got {shape!r}")
         if shape == "flat-cosine" and total_steps < 1:
             raise ValueError(f"the flat-cosine lr schedule needs total_steps >= 1, got {total_steps}")
         self.optimizer = optimizer
