@@ -169,7 +169,10 @@ def test_unknown_category_id_is_an_error_naming_annotation_and_category(tmp_path
     with pytest.raises(ValueError, match="annotation 5 has category_id 99"):
         CocoDetection(ann_file, tmp_path)
     report = check_dataset(ann_file, tmp_path)
-    assert not report.ok and report.errors == [f"{ann_file}: annotation 5 has category_id 99, not among the categories"]
+    assert not report.ok and report.errors == [
+        f"{ann_file}: annotation 5 has category_id 99, not among the categories (ids 1); fix the annotation's "
+        "category_id or add the category"
+    ]
 
 
 def test_malformed_json_names_the_file_and_position(tmp_path):

@@ -140,7 +140,7 @@ class TrainConfig:
     RECIPES = ("auto", "official", "official-v2")  # see engine/recipe.py
     LR_SCHEDULES = ("constant", "flat-cosine")
 
-    recipe: str = "official"  # how the unset fields are chosen (`engine.recipe.resolve`): 'auto' fits the run
+    recipe: str = "auto"  # how the fields you do not set are chosen (`engine.recipe.resolve`): 'auto' fits the run
     epochs: int = 72
     time_minutes: float = 0.0  # > 0: a time budget; training and its periodic evaluations end within it
     batch_size: int = 16

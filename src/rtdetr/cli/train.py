@@ -12,9 +12,10 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ..config import PRESETS
+from ..config import PRESETS, TrainConfig
 from ..engine.evaluation import evaluate
 from ..engine.run import train
+from ..weights.checkpoint import torch_load
 from .arguments import add_amp, add_device, add_image_size, add_settings, parse_settings
 from . import demo
 
@@ -22,8 +23,8 @@ from . import demo
 def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Config overrides from the named flags and --set (the flags win)."""
     overrides = parse_settings(args.set)
-    named = {"epochs": args.epochs, "batch_size": args.batch_size, "device": args.device, "output": args.output,
-             "image_size": args.img_size}  # fmt: skip
+    named = {"epochs": args.epochs, "time_minutes": args.time, "batch_size": args.batch_size, "device": args.device,
+             "output": args.output, "image_size": args.img_size, "recipe": args.recipe, "patience": args.patience}  # fmt: skip
     overrides.update({k: v for k, v in named.items() if v is not None})
     return overrides
 
@@ -33,9 +34,19 @@ def run_train(args: argparse.Namespace) -> int:
         args.preset, args.data, weights=args.weights, resume=args.resume, train_ann=args.train_ann,
         train_images=args.train_images, val_ann=args.val_ann, val_images=args.val_images, **train_overrides(args),
     )  # fmt: skip
-    print(f"done: {output / 'best.pt'} (best EMA weights), {output / 'last.pt'}, {output / 'log.jsonl'}, "
-          f"{output / 'curves.png'}")  # fmt: skip
+    print(final_line(output))
     return 0
+
+
+def final_line(output: Path) -> str:
+    """'best AP 0.412 (AP50 0.633) at epoch 9: runs/a/best.pt; also last.pt, log.jsonl, curves.png'."""
+    best = output / "best.pt"
+    if not best.exists():
+        return f"done, nothing evaluated yet: {output / 'last.pt'} (resume it with --resume)"
+    saved = torch_load(best)
+    metrics = saved.get("metrics") or {}
+    return (f"best AP {metrics.get('AP', float('nan')):.3f} (AP50 {metrics.get('AP50', float('nan')):.3f}) at epoch "
+            f"{saved.get('epoch')}: {best} (EMA weights); also {output / 'last.pt'}, log.jsonl, curves.png")  # fmt: skip
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -62,7 +73,15 @@ def add(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--weights", help="start from these weights (official, Hugging Face or ours); new classes "
                    "re-initialise the class heads")  # fmt: skip
     t.add_argument("--resume", help="continue a run from its last.pt")
-    t.add_argument("--epochs", type=int)
+    t.add_argument("--epochs", type=int, help="run length in epochs (default: what the recipe chooses)")
+    t.add_argument("--time", type=float, metavar="MINUTES",
+                   help="a time budget: the schedule fits it and the run ends on time (only the final evaluation "
+                   "follows it); with --epochs too, the epochs are a cap")  # fmt: skip
+    t.add_argument("--recipe", choices=TrainConfig.RECIPES,
+                   help="auto (default: fitted to the run, printed with its reasons), official (the paper's COCO "
+                   "numbers), official-v2")  # fmt: skip
+    t.add_argument("--patience", type=int, metavar="N", help="early stopping: stop after N evaluations without "
+                   "a better validation AP (default: off)")  # fmt: skip
     t.add_argument("--batch-size", type=int, help="images per optimizer step, all processes together")
     add_image_size(t, "training and evaluation size")
     add_device(t)

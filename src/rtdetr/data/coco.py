@@ -1,5 +1,6 @@
-"""COCO-format detection data: `CocoDetection`, `find_split` to locate a split in a dataset folder, and
-`BatchCollator` with the official multi-scale training.
+"""COCO-format detection data: `CocoDetection`, `find_split` to locate a split in a COCO or Roboflow dataset
+folder, and `BatchCollator` with the official multi-scale training. `datasets.open_split` opens a split of any
+layout (COCO, Roboflow, YOLO) as a `CocoDetection`.
 
     ann_file, image_dir = find_split("datasets/my_data", "train")
     dataset = CocoDetection(ann_file, image_dir, train_transforms((640, 640), stop_epoch=71))
@@ -13,11 +14,9 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
-from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -26,13 +25,13 @@ from PIL import Image
 from torch import Tensor
 
 from .images import load_image
+from .rules import listed, read_annotations, refusal, size_mismatch
 from .transforms import eval_transforms
 
 logger = logging.getLogger(__name__)
 
 # Official v2 `BatchImageCollateFunction` (and v1 `RTDETR.multi_scale`): 640 three times, so it is drawn most.
 MULTISCALE_SIZES = (480, 512, 544, 576, 608, 640, 640, 640, 672, 704, 736, 768, 800)
-_MAX_LISTED_IDS = 20
 
 
 def read_coco_json(path: str | Path) -> dict[str, Any]:
@@ -47,44 +46,38 @@ def read_coco_json(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"malformed JSON in {path}: {error.msg} at line {error.lineno} column {error.colno}") from None
     except UnicodeDecodeError as error:
         raise ValueError(f"{path} is not UTF-8 JSON: {error}") from None
+    return require_coco_lists(data, path)
+
+
+def require_coco_lists(data: Any, ann_file: Path) -> dict[str, Any]:
+    """`data` if it is a COCO detection dict ('images' and 'categories' lists), else ValueError naming `ann_file`."""
     if not isinstance(data, dict) or not isinstance(data.get("images"), list) or not isinstance(
         data.get("categories"), list
     ):
-        raise ValueError(f"{path} is not a COCO detection file: it needs 'images' and 'categories' lists")
+        raise ValueError(f"{ann_file} is not a COCO detection file: it needs 'images' and 'categories' lists")
     return data
-
-
-def listed(ids: Sequence[Any]) -> str:
-    """The first ids of a long list, with how many more."""
-    more = f" and {len(ids) - _MAX_LISTED_IDS} more" if len(ids) > _MAX_LISTED_IDS else ""
-    return ", ".join(map(str, ids[:_MAX_LISTED_IDS])) + more
-
-
-def annotation_xywh(annotation: dict[str, Any], ann_file: Path) -> tuple[float, float, float, float]:
-    """The annotation's `bbox` [x, y, w, h]; ValueError naming the annotation if it is not 4 finite numbers."""
-    bbox = annotation.get("bbox")
-    valid = isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)
-    if not valid or not all(math.isfinite(v) for v in bbox):
-        raise ValueError(f"{ann_file}: annotation {annotation.get('id')} has bbox {bbox!r}, not [x, y, w, h] numbers")
-    return tuple(float(v) for v in bbox)
 
 
 class CocoDetection(torch.utils.data.Dataset):
     """A COCO-format detection dataset with labels remapped to 0..C-1 by the file's own categories.
 
-    As the official loader: crowd boxes (iscrowd=1) are dropped; images without boxes are kept as negatives;
-    boxes xywh -> xyxy clamped to the image; degenerate boxes (no area after clamping) dropped with one
-    warning at construction naming their annotation ids. Images are read with their EXIF orientation
-    applied, so boxes must refer to the displayed (EXIF-rotated) image; grayscale, palette, RGBA (composited
-    on black) and 16-bit images become RGB.
+    The annotations follow the rules of `rules.py`, the same ones `check_dataset` reports: any error (malformed
+    entries, duplicate ids, an unknown category or image id, a bbox that is not 4 finite numbers) raises
+    ValueError listing them, naming the file and the annotation or image ids; malformed JSON names the line and
+    column. As the official loader: crowd boxes (iscrowd=1) are dropped; images without boxes are kept as
+    negatives; boxes xywh -> xyxy clamped to the image; boxes without area inside their image dropped with one
+    warning at construction naming their annotation ids. Images are read with their EXIF orientation applied, so
+    boxes must refer to the displayed (EXIF-rotated) image; grayscale, palette, RGBA (composited on black) and
+    16-bit images become RGB.
 
-    Errors: malformed JSON raises ValueError naming the file, line and column; an annotation whose
-    category_id is not in the file's `categories` raises ValueError naming the annotation and category ids
-    (an unknown class is an error, not something to guess); annotations of unknown image ids are ignored
-    with a warning. An unreadable image raises ValueError (FileNotFoundError if missing) naming the file
-    from `__getitem__`; with `skip_bad_images=True` it is instead logged once per process (each DataLoader
-    worker) and the next readable image is returned, so a long run survives a few corrupt files (run
-    `check_dataset` first to list them all).
+    From `__getitem__`, an image that is unreadable or whose size differs from the entry's width/height raises
+    ValueError (FileNotFoundError if missing) naming the file; with `skip_bad_images=True` it is instead logged
+    once per process (each DataLoader worker) and the next good image is returned, so a long run survives a few
+    bad files (run `check_data` first to list them all).
+
+    coco: the COCO dict itself (e.g. converted from another layout, see `open_split`) instead of reading
+    `ann_file`, which then only names the source in messages; annotation_names: how messages name annotations
+    of `coco`, by id (e.g. "labels/a.txt line 3"). `coco` (property) is the ground truth for `CocoEvaluator`.
 
     Item: (image, target) after `transforms` (default: no resize, to float) — image float [3, H, W] RGB in
     [0, 1]; target `labels` int64 [n] (0..C-1), `boxes` float [n, 4] normalised cx,cy,w,h, `image_id`
@@ -97,73 +90,33 @@ class CocoDetection(torch.utils.data.Dataset):
         image_dir: str | Path,
         transforms: Callable | None = None,
         skip_bad_images: bool = False,
+        *,
+        coco: dict[str, Any] | None = None,
+        annotation_names: Mapping[int, str] | None = None,
     ) -> None:
         self.ann_file, self.image_dir = Path(ann_file), Path(image_dir)
         self.transforms = transforms if transforms is not None else eval_transforms(None)
         self.skip_bad_images = skip_bad_images
-        data = read_coco_json(self.ann_file)
-        categories = sorted(data["categories"], key=lambda c: c["id"])
-        self.class_names: list[str] = [str(c["name"]) for c in categories]
-        self.category_ids: list[int] = [int(c["id"]) for c in categories]
-        self.image_ids, self.file_names, sizes = self._read_images(data["images"])
-        self._boxes, self._labels = self._read_annotations(data.get("annotations") or [], sizes)
+        self._coco = None if coco is None else require_coco_lists(coco, self.ann_file)
+        annotations = read_annotations(self.coco, self.ann_file, annotation_names)
+        if annotations.errors:
+            raise ValueError(refusal(self.ann_file, annotations.errors))
+        if annotations.dropped:
+            _log_dropped(self.ann_file, annotations.dropped, annotation_names)
+        self.class_names: list[str] = annotations.class_names
+        self.category_ids: list[int] = annotations.category_ids
+        self.image_ids, self.file_names = annotations.image_ids, annotations.file_names
+        self._sizes = annotations.sizes
+        self._boxes = [np.asarray(b, dtype=np.float32).reshape(-1, 4) for b in annotations.boxes]
+        self._labels = [np.asarray(c, dtype=np.int64) for c in annotations.labels]
         self._bad_images: set[int] = set()
 
-    def _read_images(self, images: list[dict]) -> tuple[list[int], list[str], dict[int, tuple[float, float]]]:
-        """Image ids and file names in file order, and the (width, height) the file states, where it does."""
-        ids, names, sizes = [], [], {}
-        for index, image in enumerate(images):
-            if not isinstance(image, dict) or "id" not in image or "file_name" not in image:
-                raise ValueError(f"{self.ann_file}: images[{index}] needs an 'id' and a 'file_name'")
-            ids.append(int(image["id"]))
-            names.append(str(image["file_name"]))
-            if isinstance(image.get("width"), (int, float)) and isinstance(image.get("height"), (int, float)):
-                sizes[ids[-1]] = (float(image["width"]), float(image["height"]))
-        duplicates = sorted(i for i, count in Counter(ids).items() if count > 1)
-        if duplicates:
-            raise ValueError(f"{self.ann_file}: duplicate image ids {listed(duplicates)}")
-        return ids, names, sizes
-
-    def _read_annotations(
-        self, annotations: list[dict], sizes: dict[int, tuple[float, float]]
-    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """Per image (file order): boxes float32 [n, 4] pixel xyxy, clamped to the stated image size, and
-        labels int64 [n]."""
-        label_of = {c: i for i, c in enumerate(self.category_ids)}
-        position = {image_id: k for k, image_id in enumerate(self.image_ids)}
-        boxes: list[list] = [[] for _ in self.image_ids]
-        labels: list[list] = [[] for _ in self.image_ids]
-        degenerate, orphans = [], []
-        for annotation in annotations:
-            category = annotation.get("category_id")
-            if category not in label_of:
-                raise ValueError(
-                    f"{self.ann_file}: annotation {annotation.get('id')} has category_id {category}, which is not "
-                    f"in the file's categories {self.category_ids}; fix the annotation or add the category"
-                )
-            if annotation.get("image_id") not in position:
-                orphans.append(annotation.get("id"))
-                continue
-            if annotation.get("iscrowd", 0):
-                continue
-            x, y, w, h = annotation_xywh(annotation, self.ann_file)
-            width, height = sizes.get(annotation["image_id"], (math.inf, math.inf))
-            x0, y0, x1, y1 = max(x, 0.0), max(y, 0.0), min(x + w, width), min(y + h, height)
-            if x1 <= x0 or y1 <= y0:
-                degenerate.append(annotation.get("id"))
-                continue
-            boxes[position[annotation["image_id"]]].append((x0, y0, x1, y1))
-            labels[position[annotation["image_id"]]].append(label_of[category])
-        if degenerate:
-            logger.warning("%s: dropped %d boxes with no area inside their image: annotation ids %s",
-                           self.ann_file, len(degenerate), listed(degenerate))  # fmt: skip
-        if orphans:
-            logger.warning("%s: ignored %d annotations of image ids not in 'images': annotation ids %s",
-                           self.ann_file, len(orphans), listed(orphans))  # fmt: skip
-        return (
-            [np.asarray(b, dtype=np.float32).reshape(-1, 4) for b in boxes],
-            [np.asarray(c, dtype=np.int64) for c in labels],
-        )
+    @property
+    def coco(self) -> dict[str, Any]:
+        """The ground truth as a COCO dict ('images', 'annotations', 'categories'), as `CocoEvaluator` takes it:
+        the dict given, or else `ann_file` read again (not kept: a big dict in every DataLoader worker costs
+        memory)."""
+        return self._coco if self._coco is not None else read_coco_json(self.ann_file)
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -186,19 +139,29 @@ class CocoDetection(torch.utils.data.Dataset):
             if candidate in self._bad_images:
                 continue
             try:
-                return candidate, load_image(self.image_dir / self.file_names[candidate])
-            except (FileNotFoundError, ValueError) as error:  # load_image's errors name the file
+                return candidate, self._load(candidate)
+            except (FileNotFoundError, ValueError) as error:  # the errors name the file
                 if not self.skip_bad_images:
                     raise
                 self._bad_images.add(candidate)
                 logger.error("%s (image id %d); skipping it", error, self.image_ids[candidate])
         raise RuntimeError(f"none of the {len(self)} images in {self.image_dir} is readable")
 
+    def _load(self, index: int) -> Image.Image:
+        """The image; ValueError naming it if its size is not the stated one (its boxes would not fit it)."""
+        image = load_image(self.image_dir / self.file_names[index])
+        mismatch = size_mismatch(
+            self.ann_file, self.image_ids[index], self.file_names[index], self._sizes[index], image.size
+        )
+        if mismatch is not None:
+            raise ValueError(mismatch)
+        return image
+
     def _target(self, index: int, size: tuple[int, int]) -> dict[str, Tensor]:
         """Target with pixel xyxy boxes clamped to the image as read, for the transforms."""
         width, height = size
         boxes = torch.from_numpy(self._boxes[index]).clone()
-        # The stated size should equal the file's (check_dataset reports it otherwise); clamp to the truth.
+        # The image as read has the stated size (`_load`) or none was stated: clamp to it, as `rules.place_box`.
         boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
         boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
@@ -210,7 +173,13 @@ class CocoDetection(torch.utils.data.Dataset):
         }
 
 
-def _split_names(split: str) -> list[str]:
+def _log_dropped(ann_file: Path, dropped: list[int], annotation_names: Mapping[int, str] | None) -> None:
+    """One warning for all the boxes dropped for having no area inside their image."""
+    which = listed([annotation_names[i] for i in dropped]) if annotation_names else f"annotation ids {listed(dropped)}"
+    logger.warning("%s: dropped %d boxes with no area inside their image: %s", ann_file, len(dropped), which)
+
+
+def split_names(split: str) -> list[str]:
     """Folder/file names a split goes by: COCO 2017 adds a year, Roboflow calls val 'valid'."""
     aliases = {"val": ["valid"], "valid": ["val"]}.get(split, [])
     return [split, f"{split}2017", *aliases]
@@ -227,7 +196,7 @@ def find_split(data: str | Path, split: str) -> tuple[Path, Path]:
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder not found: {root}")
     tried = []
-    for name in _split_names(split):
+    for name in split_names(split):
         ann_file = root / "annotations" / f"instances_{name}.json"
         tried.append(ann_file)
         if ann_file.is_file():
@@ -237,7 +206,7 @@ def find_split(data: str | Path, split: str) -> tuple[Path, Path]:
                 tried_dirs = ", ".join(map(str, image_dirs))
                 raise FileNotFoundError(f"found {ann_file} but no image folder: tried {tried_dirs}")
             return ann_file, image_dir
-    for name in _split_names(split):
+    for name in split_names(split):
         ann_file = root / name / "_annotations.coco.json"
         tried.append(ann_file)
         if ann_file.is_file():

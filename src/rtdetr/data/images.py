@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -13,6 +14,16 @@ from torch import Tensor
 
 ImageInput = str | Path | Image.Image | np.ndarray | Tensor
 
+# Images declaring more pixels are refused before decoding (10000x10000 is 300 MB as RGB). PIL warns above
+# PIL.Image.MAX_IMAGE_PIXELS (89.5 M) and refuses above twice that (179 M) whatever is passed here.
+MAX_IMAGE_PIXELS = 10_000 * 10_000
+_LIMIT_FIX = (
+    "Downscale the image (the model sees it at its input size, e.g. 640x640); if it is genuine and must be read "
+    "at full size, pass a larger max_pixels to load_image (beyond 2 * PIL.Image.MAX_IMAGE_PIXELS also raise PIL's)."
+)
+_ORIENTATION = 0x0112  # the EXIF tag
+_TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # those ImageOps.exif_transpose turns by 90 degrees: width <-> height
+
 
 def as_image_list(images: "ImageInput | Sequence[ImageInput]") -> list[ImageInput]:
     """One image or a sequence of images -> a list of images."""
@@ -21,16 +32,46 @@ def as_image_list(images: "ImageInput | Sequence[ImageInput]") -> list[ImageInpu
     return list(images)
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """An RGB PIL image with its EXIF orientation applied; errors name the file."""
+def load_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """An RGB PIL image with its EXIF orientation applied; errors name the file.
+
+    FileNotFoundError if it is missing; ValueError if it is unreadable, truncated, or its header declares more
+    than `max_pixels` pixels (checked before decoding: a decompression bomb must not exhaust memory).
+    """
+    with _opened(path, max_pixels) as image:
+        return to_rgb(ImageOps.exif_transpose(image))
+
+
+def read_image_size(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[int, int]:
+    """(width, height) of the image as `load_image` returns it (EXIF orientation applied), without decoding
+    the pixels where the format allows (PNG keeps its EXIF anywhere, so PIL decodes a PNG to find it); the
+    errors of `load_image`, except those that only a full decode finds (truncated pixel data)."""
+    with _opened(path, max_pixels) as image:
+        width, height = image.size
+        swapped = image.getexif().get(_ORIENTATION, 1) in _TRANSPOSED_ORIENTATIONS
+        return (height, width) if swapped else (width, height)
+
+
+@contextlib.contextmanager
+def _opened(path: str | Path, max_pixels: int) -> Iterator[Image.Image]:
+    """The image file opened by PIL (header read, pixels not yet decoded) after the pixel-limit check; failures
+    to open it, and to decode it inside the `with` block, raise FileNotFoundError or ValueError naming the file."""
     try:
         with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image)
-            return to_rgb(image)
+            width, height = image.size
+            if width * height <= max_pixels:
+                yield image
+                return
     except FileNotFoundError:
         raise FileNotFoundError(f"image not found: {path}") from None
+    except Image.DecompressionBombError as error:  # PIL's own limit, 2 * PIL.Image.MAX_IMAGE_PIXELS
+        raise ValueError(f"cannot read image {path}: {error} {_LIMIT_FIX}") from None
     except (OSError, SyntaxError, ValueError) as error:  # PIL's errors for unreadable/truncated files
         raise ValueError(f"cannot read image {path}: {error}") from None
+    raise ValueError(
+        f"cannot read image {path}: its header declares {width}x{height} = {width * height} pixels, more than "
+        f"max_pixels={max_pixels} (a decompression bomb?). {_LIMIT_FIX}"
+    )
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

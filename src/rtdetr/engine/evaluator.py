@@ -29,13 +29,20 @@ METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100")  #
 class CocoEvaluator:
     """Collects detections of a COCO-format ground truth and computes its metrics.
 
-    coco_gt: a pycocotools COCO or the path of the annotation file. Annotations without `area` get w*h (in
-    place), as COCOeval needs it for the small/medium/large split. class_names, one per category sorted by
-    id, default to the file's category names. Only the images passed to `update` are evaluated (official
-    `CocoEvaluator`), so a subset can be scored.
+    coco_gt: a pycocotools COCO, the path of the annotation file, or a COCO-format dict (e.g. `dataset.coco`, also
+    of a converted YOLO split; indexed as it is, not re-read from a file). Annotations without `area` get w*h (in
+    place; for a dict, in a copy of its annotations), as COCOeval needs it for the small/medium/large split.
+    class_names, one per category sorted by id, default to the file's category names. Only the images passed to
+    `update` are evaluated (official `CocoEvaluator`), so a subset can be scored.
     """
 
-    def __init__(self, coco_gt: COCO | str | Path, class_names: Sequence[str] | None = None) -> None:
+    def __init__(self, coco_gt: COCO | dict | str | Path, class_names: Sequence[str] | None = None) -> None:
+        if isinstance(coco_gt, dict):
+            coco = COCO()
+            coco.dataset = {**coco_gt, "annotations": [dict(a) for a in coco_gt.get("annotations") or []]}
+            with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints "creating index..."
+                coco.createIndex()
+            coco_gt = coco
         self.coco_gt = coco_gt if isinstance(coco_gt, COCO) else _load_ground_truth(coco_gt)
         for annotation in self.coco_gt.dataset.get("annotations", []):
             annotation.setdefault("area", annotation["bbox"][2] * annotation["bbox"][3])

@@ -11,8 +11,11 @@ to `Trainer`, which owns the loop. `RTDETR.fit` calls it with the model itself.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
+import statistics
+import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -21,9 +24,11 @@ from ..data.coco import CocoDetection, find_split
 from ..models.rtdetr import RTDETRModel
 from ..weights.checkpoint import torch_load
 from ..weights.loading import fit_state_dict, read_weights
-from .distributed import cleanup_distributed, init_distributed
-from .rng import seed_everything
-from .trainer import Trainer
+from .distributed import Rank, cleanup_distributed, init_distributed
+from .recipe import Resolution, RunFacts, official_variant, resolve
+from .rng import rng_state, seed_everything, set_rng_state
+from .schedule import TimeBudget, guess_eval_seconds
+from .trainer import Trainer, steps_per_epoch
 
 logger = logging.getLogger(__name__)
 
@@ -126,13 +131,62 @@ def train(
         else:
             seed_everything(train_overrides.get("seed", TrainConfig.seed))  # the same initial weights on every rank
             network = build_model(model, weights, len(train_set.class_names), model_overrides)
-            config = TrainConfig.for_model(network.config, **train_overrides)
         val_set = CocoDetection(data_paths["val_ann"], data_paths["val_images"])
+        if checkpoint is not None:
+            budget = TimeBudget.from_state_dict(checkpoint["budget"]) if checkpoint.get("budget") else None
+            recipe = checkpoint.get("recipe") or {}
+        else:
+            pretrained = weights is not None or isinstance(model, RTDETRModel)
+            resolution = resolve_recipe(train_overrides, network, train_set, val_set, process, pretrained)
+            config, budget, recipe = resolution.config, resolution.budget, resolution.record()
+            if process.is_main:
+                logger.info("training settings (recipe %r):\n%s", config.recipe, resolution.table())
         seed_everything(config.seed + process.rank)  # augmentation and denoising noise differ per rank
-        trainer = Trainer(network, config, train_set, val_set, process, callbacks)
+        trainer = Trainer(network, config, train_set, val_set, process, callbacks, budget, recipe)
         if checkpoint is not None:
             trainer.load_state(checkpoint)
         trainer.fit()
         return trainer.output
     finally:
         cleanup_distributed()
+
+
+def resolve_recipe(
+    explicit: dict[str, Any], network: RTDETRModel, train_set: CocoDetection, val_set: CocoDetection,
+    process: Rank, pretrained: bool,
+) -> Resolution:  # fmt: skip
+    """The run's TrainConfig from its recipe (`engine.recipe.resolve`) and what the run is; with a time budget
+    the seconds per step are measured first on a few probe steps (`probe_seconds_per_step`)."""
+    base = TrainConfig(**explicit)
+    per_epoch = steps_per_epoch(len(train_set), base, process.world_size, train_set.ann_file)
+    seconds = probe_seconds_per_step(network, base, train_set, val_set, process) if base.time_minutes > 0 else 0.0
+    facts = RunFacts(
+        official_variant(network.config), sum(p.numel() for p in network.parameters() if p.requires_grad),
+        tuple(network.config.image_size), len(train_set), per_epoch, pretrained=pretrained,
+        seconds_per_step=seconds, eval_seconds=guess_eval_seconds(len(val_set), base.batch_size, seconds),
+    )  # fmt: skip
+    return resolve(explicit, facts)
+
+
+def probe_seconds_per_step(
+    network: RTDETRModel, config: TrainConfig, train_set: CocoDetection, val_set: CocoDetection, process: Rank,
+    steps: int = 3,
+) -> float:  # fmt: skip
+    """Wall seconds per optimizer step, the median of `steps` steps after a warm-up one (loader start-up), on
+    a copy of the network with the run's batch, data pipeline (no strong augmentation: short runs have none)
+    and device. The random streams are restored afterwards, so the run itself is unchanged by the probe."""
+    saved = rng_state()
+    probe_config = config.replace(stop_epoch=0, max_steps=0, time_minutes=0.0, recipe="official")
+    probe = Trainer(copy.deepcopy(network), probe_config, copy.copy(train_set), copy.copy(val_set), process)
+    probe.ddp.train()
+    probe.set_epoch(0)
+    batches = iter(probe.loader)
+    times = []
+    for _ in range(min(steps + 1, probe.steps_per_epoch)):
+        tic = time.perf_counter()
+        probe.train_step(batches)
+        times.append(time.perf_counter() - tic)
+    set_rng_state(saved)
+    seconds = statistics.median(times[1:] or times)  # one batch per epoch: the warm-up step is all there is
+    logger.info("time budget: %.3f s per optimizer step measured on %d probe steps", seconds, steps)
+    return seconds

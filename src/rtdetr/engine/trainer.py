@@ -38,6 +38,7 @@ from .evaluator import CocoEvaluator
 from .metrics_log import MetricsLog, plot_curves
 from .optim import LRSchedule, build_optimizer
 from .rng import rng_state, set_rng_state
+from .schedule import EarlyStopping, TimeBudget
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,8 @@ class Trainer:
         val_set: CocoDetection,
         process: Rank,
         callbacks: Sequence[Callable[["Trainer"], None]] = (),
+        budget: TimeBudget | None = None,
+        recipe: dict[str, Any] | None = None,
     ) -> None:
         if config.amp == "fp16" and process.device.type != "cuda":
             raise ValueError("amp='fp16' needs CUDA (it trains with a GradScaler); use amp='bf16' on CPU")
@@ -74,50 +77,113 @@ class Trainer:
         # Without denoising, denoising_class_embed gets no gradient: DDP must be told.
         unused = model.config.num_denoising == 0
         self.ddp = wrap_model(self.model, process, config.sync_bn, find_unused_parameters=unused)
-        self.optimizer = build_optimizer(self.model, model.config, config)
-        self.schedule = LRSchedule(self.optimizer, config.warmup_steps, config.lr_milestones, config.lr_gamma)
-        self.scaler = torch.amp.GradScaler(process.device.type, enabled=config.amp == "fp16")
         self.step_batch, self.accumulation = batch_plan(config, process.world_size)
-        self.sampler = ResumableSampler(len(train_set), process, config.seed)
-        stop_epoch = config.resolved_stop_epoch  # the dataset is given its training transforms here
-        self.train_set.transforms = train_transforms(tuple(model.config.image_size), stop_epoch)
-        self.loader = DataLoader(
-            train_set, batch_size=self.step_batch, sampler=self.sampler, drop_last=True,
-            collate_fn=BatchCollator(config.multiscale_sizes or None, stop_epoch), num_workers=config.num_workers,
-            pin_memory=process.device.type == "cuda", generator=torch.Generator(),
+        self.loader = self.train_loader()
+        self.steps_per_epoch = steps_per_epoch(len(train_set), config, process.world_size, train_set.ann_file)
+        self.budget, self.recipe = budget, recipe or {}
+        self.epoch = self.step = self.step_in_epoch = 0
+        self.optimizer = build_optimizer(self.model, model.config, config)
+        self.schedule = LRSchedule(
+            self.optimizer, config.warmup_steps, config.lr_milestones, config.lr_gamma, shape=config.lr_schedule,
+            total_steps=self.planned_steps(), flat_fraction=config.flat_fraction, min_lr_ratio=config.min_lr_ratio,
         )  # fmt: skip
-        self.steps_per_epoch = self.sampler.num_samples // self.step_batch // self.accumulation
-        if self.steps_per_epoch == 0:
-            raise ValueError(
-                f"{train_set.ann_file} has {len(train_set)} images: fewer than one batch of {config.batch_size}"
-            )
+        self.scaler = torch.amp.GradScaler(process.device.type, enabled=config.amp == "fp16")
+        self.early_stopping = EarlyStopping(config.patience, config.min_delta)
         self.val_set.transforms = eval_transforms(tuple(model.config.image_size))
         self.val_loader = eval_loader(val_set, config.eval_batch_size, config.num_workers, process)
-        self.epoch = self.step = self.step_in_epoch = 0
-        self.best_ap, self.train_seconds = -1.0, 0.0
+        self.best_ap, self.best_epoch, self.train_seconds = -1.0, 0, 0.0  # best_epoch: 1-based
+        self.stop_reason = ""
+        self.clock = time.perf_counter()  # when the last step or evaluation ended (the budget's clock)
         self.log = MetricsLog(self.output / "log.jsonl") if process.is_main else None
 
+    def train_loader(self) -> DataLoader:
+        """The training loader; the dataset is given its training transforms here (strong augmentation and
+        multi-scale until the stop epoch)."""
+        cfg, stop_epoch = self.config, self.config.resolved_stop_epoch
+        self.train_set.transforms = train_transforms(tuple(self.model.config.image_size), stop_epoch)
+        return DataLoader(
+            self.train_set, batch_size=self.step_batch, sampler=ResumableSampler(len(self.train_set), self.process,
+            cfg.seed), drop_last=True, collate_fn=BatchCollator(cfg.multiscale_sizes or None, stop_epoch),
+            num_workers=cfg.num_workers, pin_memory=self.process.device.type == "cuda", generator=torch.Generator(),
+        )  # fmt: skip
+
+    @property
+    def sampler(self) -> ResumableSampler:
+        return self.loader.sampler
+
+    @property
+    def epochs(self) -> int:
+        """The run's epochs: the config's, or with a time budget those its planned steps need (the last may be
+        cut short when the time is up)."""
+        return math.ceil(self.planned_steps() / self.steps_per_epoch) if self.budget else self.config.epochs
+
+    def planned_steps(self) -> int:
+        """The optimizer steps the run will have: epochs x steps per epoch (capped by max_steps), or with a
+        time budget its current estimate."""
+        if self.budget is not None:
+            return max(self.budget.planned_total(self.budget.spent_seconds, self.step), 1)
+        total = self.config.epochs * self.steps_per_epoch
+        return min(total, self.config.max_steps) if self.config.max_steps else total
+
     def fit(self) -> None:
-        """Train until `epochs` (or `max_steps`), evaluating, logging and checkpointing as configured."""
-        cfg = self.config
+        """Train until the epochs, the time budget, max_steps or early stopping end the run; evaluate, log and
+        checkpoint as configured. A run ended by time or early stopping gets its final evaluation."""
         logger.info(
             "training %s on %d images (%d steps/epoch of %d images = %d x %d x %d accumulated) -> %s",
-            self.model.describe(), len(self.train_set), self.steps_per_epoch, cfg.batch_size,
+            self.model.describe(), len(self.train_set), self.steps_per_epoch, self.config.batch_size,
             self.process.world_size, self.step_batch, self.accumulation, self.output,
         )  # fmt: skip
-        while self.epoch < cfg.epochs and not self.reached_max_steps():
+        self.clock = time.perf_counter()
+        while self.epoch < self.epochs and not self.reached_max_steps():
             losses = self.train_one_epoch()
-            if self.step_in_epoch < self.steps_per_epoch:  # stopped by max_steps
+            out_of_time = self.out_of_time()
+            if self.step_in_epoch < self.steps_per_epoch and not out_of_time:  # stopped by max_steps
                 self.save_last()
                 return
-            last_epoch = self.epoch == cfg.epochs - 1
-            metrics = self.evaluate() if last_epoch or (self.epoch + 1) % cfg.eval_interval == 0 else None
-            self.epoch, self.step_in_epoch = self.epoch + 1, 0
-            if metrics is not None and metrics["AP"] > self.best_ap:
-                self.best_ap = metrics["AP"]
+            last = out_of_time or self.epoch == self.epochs - 1
+            metrics = self.evaluate() if last or (self.epoch + 1) % self.config.eval_interval == 0 else None
+            if self.step_in_epoch == self.steps_per_epoch:
+                self.epoch, self.step_in_epoch = self.epoch + 1, 0
+            if metrics is not None and self.early_stopping.update(metrics["AP"]):
+                self.best_ap, self.best_epoch = metrics["AP"], self.epoch + (self.step_in_epoch > 0)
                 self.save_best(metrics)
             self.save_last()
             self.log_epoch(losses, metrics)
+            if out_of_time:
+                return self.report_end("time budget spent")
+            if self.any_rank(self.early_stopping.should_stop):  # only rank 0 has the metrics
+                return self.report_end(f"early stop: no AP gain in {self.config.patience} evaluations")
+            self.replan()
+        self.report_end("all epochs done")
+
+    def replan(self) -> None:
+        """With a time budget, after each epoch: move the end of the lr decay to the re-estimated total, and
+        the strong-augmentation stop epoch with the epochs (only while it is still ahead)."""
+        if self.budget is None:
+            return
+        total = self.planned_steps()
+        self.schedule.set_total_steps(total)
+        if self.config.stop_epoch < 0:
+            stop_epoch = max(math.ceil(total / self.steps_per_epoch) + self.config.stop_epoch, 0)
+            if stop_epoch > self.epoch and stop_epoch != self.loader.collate_fn.stop_epoch:
+                self.train_set.transforms.stop_epoch = self.loader.collate_fn.stop_epoch = stop_epoch
+
+    def out_of_time(self) -> bool:
+        """The time budget allows no further step (the same answer on every rank: each measures its own time)."""
+        return self.budget is not None and self.any_rank(self.budget.should_stop(self.budget.spent_seconds, self.step))
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank when `flag` is True on any."""
+        if not self.process.distributed:
+            return flag
+        return all_reduce_mean({"flag": float(flag)}, self.process)["flag"] > 0
+
+    def report_end(self, why: str) -> None:
+        """The final line: why the run ended, the best AP, at which epoch, where the weights are."""
+        self.stop_reason = why
+        if self.process.is_main:
+            logger.info("finished (%s) after %d steps, %.1f min of training: best AP %.4f at epoch %d -> %s",
+                        why, self.step, self.train_seconds / 60, self.best_ap, self.best_epoch, self.output / "best.pt")  # fmt: skip
 
     def train_one_epoch(self) -> dict[str, float]:
         """The current epoch's remaining steps (all, unless resumed mid-epoch); the mean of each loss term."""
@@ -127,11 +193,12 @@ class Trainer:
         sums: dict[str, float] = defaultdict(float)
         interval: dict[str, float] = defaultdict(float)  # since the last log line
         done_before, tic = self.step_in_epoch, time.perf_counter()
-        bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
+        bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, desc=f"epoch {self.epoch + 1}/{self.epochs}",
                    unit="step", disable=not self.process.is_main)  # fmt: skip
         batches = iter(self.loader)
-        while self.step_in_epoch < self.steps_per_epoch and not self.reached_max_steps():
+        while self.step_in_epoch < self.steps_per_epoch and not self.reached_max_steps() and not self.out_of_time():
             losses = self.train_step(batches)
+            self.observe_step()
             for name, value in losses.items():
                 sums[name] += value
                 interval[name] += value
@@ -192,14 +259,26 @@ class Trainer:
         self.loader.collate_fn.set_epoch(epoch)
         self.loader.generator.manual_seed(self.config.seed * 100_003 + epoch)
 
+    def observe_step(self) -> None:
+        """Charge the wall time since the last step or evaluation ended (checkpoint writes and loader start-up
+        included) to the time budget."""
+        now = time.perf_counter()
+        if self.budget is not None:
+            self.budget.observe_step(now - self.clock)
+        self.clock = now
+
     def evaluate(self) -> dict | None:
         """COCO metrics of the EMA weights on the validation set (rank 0; None elsewhere)."""
+        tic = time.perf_counter()
         evaluator = CocoEvaluator(self.val_set.ann_file, self.val_set.class_names)
         metrics = evaluate_model(self.ema.module, self.val_loader, evaluator, self.category_ids, self.class_names,
                                  self.process, self.config.amp)  # fmt: skip
         if metrics is not None:
             logger.info("epoch %d, EMA weights, %d val images:\n%s", self.epoch + 1, len(self.val_set),
                         evaluator.table())  # fmt: skip
+        self.clock = time.perf_counter()
+        if self.budget is not None:
+            self.budget.observe_evaluation(self.clock - tic)
         return metrics
 
     def reached_max_steps(self) -> bool:
@@ -219,8 +298,10 @@ class Trainer:
             model.config, model.state_dict(), self.class_names, self.category_ids,
             ema=self.ema.module.state_dict(), ema_updates=self.ema.updates, optimizer=self.optimizer.state_dict(),
             schedule=self.schedule.state_dict(), scaler=self.scaler.state_dict(), epoch=self.epoch, step=self.step,
-            step_in_epoch=self.step_in_epoch, best_ap=self.best_ap, train_seconds=self.train_seconds + elapsed,
-            rng=rng, train_config=config_dict(self.config), data=self.data_paths(),
+            step_in_epoch=self.step_in_epoch, best_ap=self.best_ap, best_epoch=self.best_epoch,
+            train_seconds=self.train_seconds + elapsed, rng=rng, train_config=config_dict(self.config),
+            recipe=self.recipe, budget=self.budget.state_dict() if self.budget else None,
+            early_stopping=self.early_stopping.state_dict(), data=self.data_paths(),
         )  # fmt: skip
         atomic_save(checkpoint, self.output / "last.pt")
 
@@ -229,7 +310,8 @@ class Trainer:
         if self.process.is_main:
             model, weights = self.model, self.ema.module.state_dict()
             checkpoint = model_checkpoint(model.config, weights, self.class_names, self.category_ids,
-                                          epoch=self.epoch, step=self.step, metrics=metrics)  # fmt: skip
+                                          epoch=self.best_epoch, step=self.step, metrics=metrics,
+                                          train_config=config_dict(self.config), recipe=self.recipe)  # fmt: skip
             atomic_save(checkpoint, self.output / "best.pt")
 
     def load_state(self, checkpoint: dict[str, Any]) -> None:
@@ -242,6 +324,9 @@ class Trainer:
         self.scaler.load_state_dict(checkpoint["scaler"])
         self.epoch, self.step, self.step_in_epoch = checkpoint["epoch"], checkpoint["step"], checkpoint["step_in_epoch"]
         self.best_ap, self.train_seconds = checkpoint["best_ap"], checkpoint["train_seconds"]
+        self.best_epoch = checkpoint.get("best_epoch", self.epoch)
+        if checkpoint.get("early_stopping"):
+            self.early_stopping.load_state_dict(checkpoint["early_stopping"])
         if len(checkpoint["rng"]) == self.process.world_size:
             set_rng_state(checkpoint["rng"][self.process.rank])
         else:
@@ -271,6 +356,18 @@ class Trainer:
             record["metrics"] = metrics
         self.log.write(**record)
         plot_curves(self.log.records(), self.output / "curves.png")
+
+
+def steps_per_epoch(num_images: int, config: TrainConfig, world_size: int, source: Any = "the dataset") -> int:
+    """Optimizer steps in one epoch of `num_images` (each process gets ceil(num_images / world_size) images,
+    as `ResumableSampler`; incomplete batches are dropped). Raises if not even one batch fits."""
+    step_batch, accumulation = batch_plan(config, world_size)
+    steps = math.ceil(num_images / world_size) // step_batch // accumulation
+    if steps == 0:
+        raise ValueError(
+            f"{source} has {num_images} images: fewer than one batch of {config.batch_size}; lower --batch-size"
+        )
+    return steps
 
 
 def batch_plan(config: TrainConfig, world_size: int) -> tuple[int, int]:
