@@ -1,4 +1,4 @@
-"""The `rtdetr` command: one verb per module (predict, export, bench, train / eval / demo), thin argparse over
+"""The `rtdetr` command: one verb per module (train / eval, demo, check, predict, export, bench), thin argparse over
 the Python API, with the flags of `cli.arguments` meaning the same everywhere."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import argparse
 import logging
 import sys
 
-from . import bench, export, predict, train
+from . import bench, check, export, predict, train
 
 __all__ = ["build_parser", "main"]
 
@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `rtdetr VERB --help` for the flags of each verb.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="VERB")
-    for verb in (train, predict, export, bench):
+    for verb in (train, check, predict, export, bench):
         verb.add(sub)
     return parser
 

@@ -17,7 +17,8 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from ..config import autocast
-from ..data.coco import BatchCollator, CocoDetection, find_split
+from ..data.coco import BatchCollator, CocoDetection
+from ..data.datasets import open_split
 from ..data.transforms import eval_transforms
 from ..models.rtdetr import RTDETRModel
 from ..postprocess import postprocess
@@ -93,8 +94,8 @@ def evaluate(
     class_names: list[str] | None = None,
     category_ids: list[int] | None = None,
 ) -> dict:
-    """COCO box metrics of a checkpoint (or model) on a split of a COCO/Roboflow dataset folder `data`
-    (or an explicit `ann_file` + `image_dir`).
+    """COCO box metrics of a checkpoint (or model) on a split of a dataset folder `data` of any layout (COCO,
+    Roboflow, YOLO) or of an explicit COCO `ann_file` + `image_dir`.
 
     Returns {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "per_class"} (on every
     process). With `output`, writes output/metrics.json and output/predictions.json (COCO results with the
@@ -111,13 +112,15 @@ def evaluate(
         else:
             model, class_names, category_ids = _load_network(weights)
         model = model.to(process.device).eval()
-        if ann_file is None or image_dir is None:
-            if data is None:
-                raise ValueError("evaluate needs `data` (a dataset folder) or both `ann_file` and `image_dir`")
-            ann_file, image_dir = find_split(data, split)
-        dataset = CocoDetection(ann_file, image_dir, eval_transforms(tuple(image_size or model.config.image_size)))
+        transforms = eval_transforms(tuple(image_size or model.config.image_size))
+        if ann_file is not None and image_dir is not None:
+            dataset = CocoDetection(ann_file, image_dir, transforms)
+        elif data is not None:
+            dataset = open_split(data, split, transforms)
+        else:
+            raise ValueError("evaluate needs `data` (a dataset folder) or both `ann_file` and `image_dir`")
         check_categories(category_ids, class_names, dataset)
-        evaluator = CocoEvaluator(dataset.ann_file, dataset.class_names)
+        evaluator = CocoEvaluator(dataset.coco, dataset.class_names)
         loader = eval_loader(dataset, batch_size, num_workers, process)
         metrics = evaluate_model(model, loader, evaluator, category_ids, class_names, process, amp)
         if process.is_main:

@@ -16,11 +16,14 @@ import dataclasses
 import logging
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ..config import ModelConfig, TrainConfig, check_overrides, preset
-from ..data.coco import CocoDetection, find_split
+from ..data.coco import CocoDetection
+from ..data.datasets import open_split
+from ..data.validate import check_data, check_dataset, format_reports
 from ..models.rtdetr import RTDETRModel
 from ..weights.checkpoint import torch_load
 from ..weights.loading import fit_state_dict, read_weights
@@ -73,17 +76,52 @@ def split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str
     return train_overrides, model_overrides
 
 
-def resolve_data(data: str | Path | None, paths: dict[str, Any]) -> dict[str, Path]:
-    """train_ann, train_images, val_ann, val_images: explicit ones win over those found in `data`."""
-    found: dict[str, Any] = {}
-    if data is not None:
-        found["train_ann"], found["train_images"] = find_split(data, "train")
-        found["val_ann"], found["val_images"] = find_split(data, "val")
-    found.update({k: v for k, v in paths.items() if v is not None})
-    missing = [k for k in ("train_ann", "train_images", "val_ann", "val_images") if found.get(k) is None]
-    if missing:
-        raise ValueError(f"no dataset: pass data=<folder> (COCO or Roboflow layout) or {', '.join(missing)}")
-    return {k: Path(v) for k, v in found.items()}
+@dataclass(frozen=True)
+class DataSource:
+    """Where a run's data is: a dataset folder of any layout (COCO, Roboflow, YOLO) and/or explicit COCO files
+    per split, which win over the folder's. Stored in last.pt (plain strings) so a resumed run finds it."""
+
+    data: str | None = None
+    train_ann: str | None = None
+    train_images: str | None = None
+    val_ann: str | None = None
+    val_images: str | None = None
+
+    def explicit(self, split: str) -> tuple[str, str] | None:
+        ann, images = getattr(self, f"{split}_ann"), getattr(self, f"{split}_images")
+        if (ann is None) != (images is None):
+            raise ValueError(f"give both {split}_ann and {split}_images (a COCO annotation file and its image folder)")
+        return (ann, images) if ann is not None else None
+
+    def check(self) -> None:
+        """The dataset check of every split (`data.validate`): raises DatasetError listing every problem of
+        every split at once, before anything is trained."""
+        reports = []
+        splits = [s for s in ("train", "val") if self.explicit(s) is None]
+        if splits and self.data is None:
+            raise ValueError("no dataset: pass data=<folder> (COCO, Roboflow or YOLO layout) or explicit "
+                             + ", ".join(f"{s}_ann and {s}_images" for s in splits))  # fmt: skip
+        if splits:
+            reports += check_data(self.data, splits)
+        reports += [check_dataset(*self.explicit(s)) for s in ("train", "val") if self.explicit(s) is not None]
+        if not all(report.ok for report in reports):
+            raise DatasetError(format_reports(reports, max_lines=None))
+        for report in reports:
+            if report.warnings:
+                logger.warning("%s", report.summary())
+
+    def open(self, split: str, skip_bad_images: bool = False) -> CocoDetection:
+        explicit = self.explicit(split)
+        if explicit is not None:
+            return CocoDetection(*explicit, skip_bad_images=skip_bad_images)
+        return open_split(self.data, split, skip_bad_images=skip_bad_images)
+
+    def record(self) -> dict[str, str | None]:
+        return {k: str(Path(v).resolve()) if v is not None else None for k, v in dataclasses.asdict(self).items()}
+
+
+class DatasetError(ValueError):
+    """The dataset check found errors; the message lists all of them."""
 
 
 def train(
@@ -102,13 +140,16 @@ def train(
     """Train on a COCO-format dataset; returns the output folder (last.pt, best.pt, log.jsonl, curves.png).
 
     model: preset name (e.g. 'rtdetr_r18vd'), a network (e.g. an RTDETR), or None (the architecture of
-    `weights`). data: a dataset folder in COCO or Roboflow layout (`find_split`), or explicit train/val paths.
+    `weights`). data: a dataset folder of any layout (COCO, Roboflow, YOLO: `data.datasets`), and/or explicit COCO
+    files per split. Every split is checked first (`DataSource.check`); errors refuse the run, all listed.
     weights: start from these weights (official, Hugging Face or ours; class heads re-initialised for new
     classes). resume: continue a run from its last.pt (config, data paths and state come from it; TrainConfig
     overrides such as epochs still apply). overrides: TrainConfig and ModelConfig fields by name.
     """
     train_overrides, model_overrides = split_overrides(overrides)
-    paths = {"train_ann": train_ann, "train_images": train_images, "val_ann": val_ann, "val_images": val_images}
+    given = {"data": data, "train_ann": train_ann, "train_images": train_images, "val_ann": val_ann,
+             "val_images": val_images}  # fmt: skip
+    given = {k: str(v) for k, v in given.items() if v is not None}
     checkpoint = torch_load(resume) if resume else None
     if checkpoint is not None:
         if model is not None or weights is not None or model_overrides:
@@ -116,22 +157,25 @@ def train(
         # The run continues in the folder of its last.pt unless told otherwise.
         saved = TrainConfig(**checkpoint["train_config"])
         config = saved.replace(**{"output": str(Path(resume).parent), **train_overrides})
-        data_paths = resolve_data(data, {**checkpoint["data"], **{k: v for k, v in paths.items() if v}})
+        source = DataSource(**{**checkpoint["data"], **given})
     else:
-        data_paths = resolve_data(data, paths)
+        source = DataSource(**given)
+        if train_overrides.get("check_data", TrainConfig.check_data):
+            source.check()
     process = init_distributed(config.device if checkpoint else train_overrides.get("device", TrainConfig.device))
     try:
         skip_bad = config.skip_bad_images if checkpoint else train_overrides.get("skip_bad_images", False)
-        train_set = CocoDetection(data_paths["train_ann"], data_paths["train_images"], skip_bad_images=skip_bad)
+        train_set = source.open("train", skip_bad)
         if checkpoint is not None:
             network = RTDETRModel(ModelConfig(**checkpoint["config"]))
             if list(checkpoint["category_ids"]) != train_set.category_ids:
-                raise ValueError(f"{data_paths['train_ann']} has category ids {train_set.category_ids}, the "
+                raise ValueError(f"{train_set.ann_file} has category ids {train_set.category_ids}, the "
                                  f"checkpoint {checkpoint['category_ids']}: resume on the dataset it was trained on")  # fmt: skip
         else:
             seed_everything(train_overrides.get("seed", TrainConfig.seed))  # the same initial weights on every rank
             network = build_model(model, weights, len(train_set.class_names), model_overrides)
-        val_set = CocoDetection(data_paths["val_ann"], data_paths["val_images"])
+        val_set = source.open("val")
+        check_same_classes(train_set, val_set)
         if checkpoint is not None:
             budget = TimeBudget.from_state_dict(checkpoint["budget"]) if checkpoint.get("budget") else None
             recipe = checkpoint.get("recipe") or {}
@@ -142,7 +186,7 @@ def train(
             if process.is_main:
                 logger.info("training settings (recipe %r):\n%s", config.recipe, resolution.table())
         seed_everything(config.seed + process.rank)  # augmentation and denoising noise differ per rank
-        trainer = Trainer(network, config, train_set, val_set, process, callbacks, budget, recipe)
+        trainer = Trainer(network, config, train_set, val_set, process, callbacks, budget, recipe, source.record())
         if checkpoint is not None:
             trainer.load_state(checkpoint)
         trainer.fit()
@@ -190,3 +234,13 @@ def probe_seconds_per_step(
     seconds = statistics.median(times[1:] or times)  # one batch per epoch: the warm-up step is all there is
     logger.info("time budget: %.3f s per optimizer step measured on %d probe steps", seconds, steps)
     return seconds
+
+
+def check_same_classes(train_set: CocoDetection, val_set: CocoDetection) -> None:
+    """The validation split must have the training split's categories: the model predicts those."""
+    train, val = dict(zip(train_set.category_ids, train_set.class_names)), dict(zip(val_set.category_ids, val_set.class_names))
+    if train != val:
+        raise ValueError(
+            f"{val_set.ann_file} has the categories {val} but {train_set.ann_file} has {train}: the validation "
+            "split must have the training split's categories (ids and names)"
+        )

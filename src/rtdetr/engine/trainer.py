@@ -64,6 +64,7 @@ class Trainer:
         callbacks: Sequence[Callable[["Trainer"], None]] = (),
         budget: TimeBudget | None = None,
         recipe: dict[str, Any] | None = None,
+        data_record: dict[str, Any] | None = None,
     ) -> None:
         if config.amp == "fp16" and process.device.type != "cuda":
             raise ValueError("amp='fp16' needs CUDA (it trains with a GradScaler); use amp='bf16' on CPU")
@@ -80,7 +81,7 @@ class Trainer:
         self.step_batch, self.accumulation = batch_plan(config, process.world_size)
         self.loader = self.train_loader()
         self.steps_per_epoch = steps_per_epoch(len(train_set), config, process.world_size, train_set.ann_file)
-        self.budget, self.recipe = budget, recipe or {}
+        self.budget, self.recipe, self.data_record = budget, recipe or {}, data_record or {}
         self.epoch = self.step = self.step_in_epoch = 0
         self.optimizer = build_optimizer(self.model, model.config, config)
         self.schedule = LRSchedule(
@@ -270,7 +271,7 @@ class Trainer:
     def evaluate(self) -> dict | None:
         """COCO metrics of the EMA weights on the validation set (rank 0; None elsewhere)."""
         tic = time.perf_counter()
-        evaluator = CocoEvaluator(self.val_set.ann_file, self.val_set.class_names)
+        evaluator = CocoEvaluator(self.val_set.coco, self.val_set.class_names)
         metrics = evaluate_model(self.ema.module, self.val_loader, evaluator, self.category_ids, self.class_names,
                                  self.process, self.config.amp)  # fmt: skip
         if metrics is not None:
@@ -289,7 +290,8 @@ class Trainer:
 
     def save_last(self, elapsed: float = 0.0) -> None:
         """last.pt: model, EMA (what `RTDETR.from_checkpoint` loads), optimizer, lr schedule, scaler, counters,
-        every rank's RNG states, TrainConfig and data paths. Written atomically."""
+        every rank's RNG states, TrainConfig, the recipe's reasons, the time budget's accounting, early stopping
+        and where the data is. Written atomically."""
         rng = all_gather_objects(rng_state(), self.process)  # collective: every rank takes part
         if not self.process.is_main:
             return
@@ -301,7 +303,7 @@ class Trainer:
             step_in_epoch=self.step_in_epoch, best_ap=self.best_ap, best_epoch=self.best_epoch,
             train_seconds=self.train_seconds + elapsed, rng=rng, train_config=config_dict(self.config),
             recipe=self.recipe, budget=self.budget.state_dict() if self.budget else None,
-            early_stopping=self.early_stopping.state_dict(), data=self.data_paths(),
+            early_stopping=self.early_stopping.state_dict(), data=self.data_record,
         )  # fmt: skip
         atomic_save(checkpoint, self.output / "last.pt")
 
@@ -335,11 +337,6 @@ class Trainer:
         if self.log is not None:
             self.log.truncate(self.step)
         logger.info("resumed at epoch %d, step %d", self.epoch + 1, self.step)
-
-    def data_paths(self) -> dict[str, str]:
-        paths = {"train_ann": self.train_set.ann_file, "train_images": self.train_set.image_dir,
-                 "val_ann": self.val_set.ann_file, "val_images": self.val_set.image_dir}  # fmt: skip
-        return {k: str(v.resolve()) for k, v in paths.items()}
 
     def log_step(self, losses: dict[str, float]) -> None:
         if self.log is not None:
