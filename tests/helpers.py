@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import io
+import struct
+import zlib
+
 import torch
+from PIL import Image
 from torch import nn
 
 from rtdetr.models.layers import FrozenBatchNorm2d
@@ -21,3 +26,13 @@ def randomize_batch_norms(module: nn.Module, seed: int = 0) -> None:
                 m.bias.copy_(torch.randn(n, generator=g) * 0.2)
                 m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
                 m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A tiny PNG whose IHDR header claims `width` x `height` (CRC fixed): a decompression bomb for a reader."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, "PNG")
+    data = bytearray(buffer.getvalue())
+    data[16:24] = struct.pack(">II", width, height)  # IHDR data starts after signature (8), length and type (8)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))  # the CRC covers type and data
+    return bytes(data)

@@ -4,12 +4,11 @@ datasets, on decompression bombs; and the loader agreeing with the check on ever
 import io
 import json
 import logging
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import png_declaring
 from PIL import Image
 
 from rtdetr.data.coco import CocoDetection
@@ -28,16 +27,6 @@ def jpeg_bytes(width: int = 32, height: int = 24, orientation: int | None = None
         exif[0x0112] = orientation
     Image.new("RGB", (width, height), (200, 50, 50)).save(buffer, "JPEG", exif=exif)
     return buffer.getvalue()
-
-
-def png_declaring(width: int, height: int) -> bytes:
-    """A tiny PNG whose IHDR header claims `width` x `height` (CRC fixed): a decompression bomb for a reader."""
-    buffer = io.BytesIO()
-    Image.new("RGB", (8, 8)).save(buffer, "PNG")
-    data = bytearray(buffer.getvalue())
-    data[16:24] = struct.pack(">II", width, height)  # IHDR data starts after signature (8), length and type (8)
-    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))  # the CRC covers type and data
-    return bytes(data)
 
 
 def save_png(path: Path, width: int, height: int) -> None:

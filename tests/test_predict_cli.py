@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from helpers import png_declaring
 from PIL import Image
 from test_onnx_export import randomized_model  # the tests folder is on sys.path (pytest rootdir-relative import)
 
@@ -110,26 +111,11 @@ def test_odd_files_are_read_upright_batched_and_the_bad_one_reported(tmp_path, o
     assert len(coco) == 3 and {r["category_id"] for r in coco} == {38}
 
 
-def decompression_bomb(path: Path, side: int = 20000) -> Path:
-    """A tiny PNG whose header declares side x side pixels (a decompression bomb): the IHDR size is patched
-    and its CRC recomputed, so PIL sees a valid header."""
-    import struct
-    import zlib
-
-    Image.new("L", (8, 8)).save(path)
-    data = bytearray(path.read_bytes())
-    start = data.index(b"IHDR")
-    data[start + 4 : start + 12] = struct.pack(">II", side, side)
-    data[start + 17 : start + 21] = struct.pack(">I", zlib.crc32(bytes(data[start : start + 17])))
-    path.write_bytes(bytes(data))
-    return path
-
-
 def test_a_decompression_bomb_is_reported_and_the_run_goes_on(tmp_path, odd_images, checkpoint, one_box_model):
     """Regression: PIL's DecompressionBombError used to end the whole run with a traceback and no JSON."""
     folder = tmp_path / "mixed"
     folder.mkdir()
-    decompression_bomb(folder / "a_bomb.png")
+    (folder / "a_bomb.png").write_bytes(png_declaring(20000, 20000))
     (folder / "b_gray.png").write_bytes((odd_images / "gray.png").read_bytes())
     result = run_predict(tmp_path, str(folder), "--weights", str(checkpoint))
     assert [Path(r["file"]).name for r in result["images"]] == ["b_gray.png"]
