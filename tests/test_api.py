@@ -17,12 +17,7 @@ from rtdetr.weights.checkpoint import torch_load
 FAST = dict(num_workers=0, device="cpu", eval_batch_size=8, batch_size=4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

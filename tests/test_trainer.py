@@ -31,14 +31,7 @@ from rtdetr.cli.arguments import parse_settings
 FAST = dict(image_size=(64, 64), num_queries=20, num_denoising=10, num_workers=0, device="cpu", eval_batch_size=8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared CPU spinning OpenMP threads slow a
-    step down by up to 10x: train these tests on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -23,12 +23,7 @@ FAST = dict(image_size=(64, 64), num_queries=20, num_denoising=10, num_workers=0
             batch_size=4)  # fmt: skip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
