@@ -39,7 +39,8 @@ def test_official_is_todays_official_defaults(variant, backbone_lr):
     assert chosen == {"lr": 1e-4, "backbone_lr": backbone_lr, "warmup_steps": 2000, "ema_decay": 0.9999,
                       "ema_warmups": 2000, "stop_epoch": -1, "lr_schedule": "constant", "epochs": 72,
                       "eval_interval": 1}  # fmt: skip
-    assert config == TrainConfig.for_model(preset(f"rtdetr_{variant}"), recipe="official")  # every other field too
+    # every other field too, but the loader workers (chosen for the device, not a number of the recipe)
+    assert config.replace(num_workers=-1) == TrainConfig.for_model(preset(f"rtdetr_{variant}"), recipe="official")
 
 
 V2_EXPECTED = {  # variant: (backbone lr, epochs, first epoch without strong augmentation, multi-scale)
@@ -185,3 +186,14 @@ def test_table_and_record():
     record = json.loads(json.dumps(resolution.record()))  # plain types for the checkpoint
     assert record["reasons"] == resolution.reasons and record["total_steps"] == 2000
     assert record["facts"]["class_heads_reinitialised"] is True
+
+
+def test_loader_workers_follow_the_device_and_the_augmentation():
+    from rtdetr.engine.trainer import loader_workers
+
+    assert [loader_workers("cpu", 2, False)[0], loader_workers("cpu", 2, True)[0], loader_workers("cpu", 16, True)[0],
+            loader_workers("cuda", 16, False)[0], loader_workers("cuda", 2, True)[0]] == [0, 1, 4, 4, 2]  # fmt: skip
+    short = resolve({}, RunFacts("r18vd", 1_600_000, (320, 320), 2000, 125, device_type="cpu", cpu_cores=2))
+    assert short.config.num_workers == 0 and "main process" in short.reasons["num_workers"]  # 72 epochs, no strong aug
+    mine = resolve({"num_workers": 3}, RunFacts("r18vd", 1_600_000, (320, 320), 2000, 125))
+    assert mine.config.num_workers == 3 and mine.reasons["num_workers"] == SET_BY_YOU

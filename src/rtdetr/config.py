@@ -162,7 +162,7 @@ class TrainConfig:
     amp: str = "off"  # 'off' | 'bf16' (CPU or CUDA) | 'fp16' (CUDA, with a GradScaler)
     stop_epoch: int = -1  # strong augmentation and multi-scale off from this epoch; negative: from the end
     multiscale_sizes: tuple[int, ...] = ()  # square batch sizes drawn per step; () keeps the image size
-    num_workers: int = 4
+    num_workers: int = -1  # loader worker processes; -1: chosen for the device (`engine.trainer.loader_workers`)
     eval_batch_size: int = 32
     eval_interval: int = 1  # epochs between evaluations (the last epoch is always evaluated)
     patience: int = 0  # early stopping: stop after this many evaluations without improvement (0: off)
@@ -182,6 +182,8 @@ class TrainConfig:
             setattr(self, name, tuple(getattr(self, name)))
         if self.amp not in AMP_MODES:
             raise ValueError(f"TrainConfig.amp must be one of {AMP_MODES}, got {self.amp!r}")
+        if self.num_workers < -1:
+            raise ValueError(f"TrainConfig.num_workers must be >= 0 (or -1: chosen for the device), got {self.num_workers}")
         if self.epochs < 1 or self.batch_size < 1 or self.step_batch_size < 0:
             raise ValueError(
                 f"TrainConfig needs epochs >= 1, batch_size >= 1, step_batch_size >= 0; got {self.epochs}, "

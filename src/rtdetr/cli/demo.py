@@ -28,7 +28,7 @@ DEMO_DATA = {"train": 2000, "val": 100}
 DEMO_IMAGE_SIZE = 160
 DEMO_MINUTES = 9.0
 DEMO_SETTINGS: dict[str, Any] = dict(
-    image_size=(DEMO_IMAGE_SIZE, DEMO_IMAGE_SIZE), time_minutes=DEMO_MINUTES, num_workers=1, log_interval=10,
+    image_size=(DEMO_IMAGE_SIZE, DEMO_IMAGE_SIZE), time_minutes=DEMO_MINUTES, log_interval=10,
     check_data=False,  # the demo prints the check itself
 )
 

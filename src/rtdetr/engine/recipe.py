@@ -29,6 +29,7 @@ from typing import Any
 from ..config import ModelConfig, TrainConfig, check_overrides
 from ..data.coco import MULTISCALE_SIZES
 from .schedule import TimeBudget, steps_that_fit
+from .trainer import loader_workers
 
 SET_BY_YOU = "set by you"
 
@@ -97,6 +98,8 @@ class RunFacts:
     class_heads_reinitialised: bool = False
     seconds_per_step: float = 0.0
     eval_seconds: float = 0.0
+    device_type: str = "cpu"
+    cpu_cores: int = 1
 
     def __post_init__(self) -> None:
         if self.variant not in V2_RECIPES:
@@ -165,6 +168,7 @@ def resolve(explicit: dict[str, Any], facts: RunFacts) -> Resolution:
         total, cap = _auto(choices, facts)
     else:
         total, cap = _official(choices, facts, v2=recipe == "official-v2")
+    choices.choose("num_workers", *_loader_workers(choices, facts))
     for name, value in explicit.items():
         choices.choose(name, value, SET_BY_YOU)
     config = TrainConfig(**choices.values)
@@ -192,6 +196,12 @@ class _Choices:
     def get(self, name: str) -> Any:
         """The value of `name` chosen so far, else the user's, else the TrainConfig default."""
         return self.values.get(name, self.explicit.get(name, getattr(TrainConfig, name)))
+
+
+def _loader_workers(c: _Choices, facts: RunFacts) -> tuple[int, str]:
+    stop_epoch, epochs = c.get("stop_epoch"), c.get("epochs")
+    augmenting = (stop_epoch if stop_epoch >= 0 else epochs + stop_epoch) > 0 or bool(c.get("multiscale_sizes"))
+    return loader_workers(facts.device_type, facts.cpu_cores, augmenting)
 
 
 # ---- official and official-v2 ---------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -208,6 +209,7 @@ def resolve_recipe(
         official_variant(network.config), sum(p.numel() for p in network.parameters() if p.requires_grad),
         tuple(network.config.image_size), len(train_set), per_epoch, pretrained=pretrained,
         seconds_per_step=seconds, eval_seconds=guess_eval_seconds(len(val_set), base.batch_size, seconds),
+        device_type=process.device.type, cpu_cores=os.cpu_count() or 1,
     )  # fmt: skip
     return resolve(explicit, facts)
 
