@@ -77,7 +77,7 @@ def test_auto_from_scratch_small_model_short_run():
     assert (config.lr, config.backbone_lr) == (1e-3, 1e-3)
     assert (config.warmup_steps, config.ema_warmups, config.ema_decay) == (60, 60, pytest.approx(0.99))
     assert (config.stop_epoch, config.multiscale_sizes) == (0, ())  # no strong augmentation under 10000 steps
-    assert (config.lr_schedule, config.flat_fraction, config.min_lr_ratio) == ("flat-cosine", 0.5, 0.05)
+    assert config.lr_schedule == "constant" and "0.776" in reasons["lr_schedule"]  # under 10000 steps: no decay
     assert (config.eval_interval, config.patience) == (1, 0)  # round(16 / 15): 16 evaluations
     assert reasons["epochs"] == SET_BY_YOU and "0.808" in reasons["lr"] and "3%" in reasons["warmup_steps"]
 
@@ -124,7 +124,8 @@ def test_auto_time_budget_derived_positions():
     # (12 epochs) fit; 10% of the budget pays for 6 evaluations -> every round(12 / 6) = 2 epochs. Then
     # 1100 steps fit: 550 s + 5 periodic evaluations (200 ... 1000) = 600 s; 1101 would need 600.5 s.
     run = facts(steps_per_epoch=100, seconds_per_step=0.5, eval_seconds=10.0)
-    resolution = resolve({"recipe": "auto", "time_minutes": 10}, run)
+    # (a run this short keeps a constant lr; the flat-cosine positions are checked with it set)
+    resolution = resolve({"recipe": "auto", "time_minutes": 10, "lr_schedule": "flat-cosine"}, run)
     config = resolution.config
     assert (resolution.total_steps, config.epochs, config.eval_interval) == (1100, 11, 2)
     # warmup 3% of 1100 = 33; EMA horizon <= 1100 / 16 = 68.75 -> 50 (decay 0.98)
@@ -189,7 +190,7 @@ def test_table_and_record():
 
 
 def test_loader_workers_follow_the_device_and_the_augmentation():
-    from rtdetr.engine.trainer import loader_workers
+    from rtdetr.engine.loaders import loader_workers
 
     assert [loader_workers("cpu", 2, False)[0], loader_workers("cpu", 2, True)[0], loader_workers("cpu", 16, True)[0],
             loader_workers("cuda", 16, False)[0], loader_workers("cuda", 2, True)[0]] == [0, 1, 4, 4, 2]  # fmt: skip
@@ -197,3 +198,11 @@ def test_loader_workers_follow_the_device_and_the_augmentation():
     assert short.config.num_workers == 0 and "main process" in short.reasons["num_workers"]  # 72 epochs, no strong aug
     mine = resolve({"num_workers": 3}, RunFacts("r18vd", 1_600_000, (320, 320), 2000, 125))
     assert mine.config.num_workers == 3 and mine.reasons["num_workers"] == SET_BY_YOU
+
+
+def test_auto_decays_the_lr_only_in_runs_long_enough_to_converge():
+    long = resolve({}, coco("r18vd", 20_000_000)).config  # 72 epochs of COCO: 527,688 steps
+    assert (long.lr_schedule, long.flat_fraction, long.min_lr_ratio) == ("flat-cosine", 0.5, 0.05)
+    short = resolve({"epochs": 79}, facts()).config  # 9875 steps
+    assert short.lr_schedule == "constant"
+    assert resolve({"epochs": 80}, facts()).config.lr_schedule == "flat-cosine"  # 10000 steps

@@ -57,7 +57,7 @@ def test_the_resolved_recipe_is_stored_and_explicit_settings_win(shapes, tmp_pat
     saved = TrainConfig(**last["train_config"])
     assert saved.recipe == "auto" and saved.lr == 3e-4 and last["recipe"]["reasons"]["lr"] == "set by you"
     assert saved.backbone_lr == 3e-4  # from scratch: the backbone learns at the (user's) lr
-    assert saved.warmup_steps == 1 and saved.lr_schedule == "flat-cosine"  # 4 steps: a fifth of the run
+    assert saved.warmup_steps == 1 and saved.lr_schedule == "constant"  # 4 steps: a fifth of the run, no decay
 
 
 def test_recipe_official_gives_the_official_numbers(shapes, tmp_path):

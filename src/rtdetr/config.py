@@ -162,7 +162,7 @@ class TrainConfig:
     amp: str = "off"  # 'off' | 'bf16' (CPU or CUDA) | 'fp16' (CUDA, with a GradScaler)
     stop_epoch: int = -1  # strong augmentation and multi-scale off from this epoch; negative: from the end
     multiscale_sizes: tuple[int, ...] = ()  # square batch sizes drawn per step; () keeps the image size
-    num_workers: int = -1  # loader worker processes; -1: chosen for the device (`engine.trainer.loader_workers`)
+    num_workers: int = -1  # loader worker processes; -1: chosen for the device (`engine.loaders.loader_workers`)
     eval_batch_size: int = 32
     eval_interval: int = 1  # epochs between evaluations (the last epoch is always evaluated)
     patience: int = 0  # early stopping: stop after this many evaluations without improvement (0: off)

@@ -32,7 +32,8 @@ from .distributed import Rank, cleanup_distributed, init_distributed
 from .recipe import Resolution, RunFacts, official_variant, resolve
 from .rng import rng_state, seed_everything, set_rng_state
 from .schedule import TimeBudget, guess_eval_seconds
-from .trainer import Trainer, steps_per_epoch
+from .loaders import steps_per_epoch
+from .trainer import Trainer
 
 logger = logging.getLogger(__name__)
 
@@ -152,48 +153,61 @@ def train(
              "val_images": val_images}  # fmt: skip
     given = {k: str(v) for k, v in given.items() if v is not None}
     checkpoint = torch_load(resume) if resume else None
-    if checkpoint is not None:
-        if model is not None or weights is not None or model_overrides:
-            raise ValueError("resume continues the saved model: do not pass a model, weights or ModelConfig fields")
-        # The run continues in the folder of its last.pt unless told otherwise.
-        saved = TrainConfig(**checkpoint["train_config"])
-        config = saved.replace(**{"output": str(Path(resume).parent), **train_overrides})
-        source = DataSource(**{**checkpoint["data"], **given})
-    else:
-        source = DataSource(**given)
-        if train_overrides.get("check_data", TrainConfig.check_data):
-            source.check()
-    process = init_distributed(config.device if checkpoint else train_overrides.get("device", TrainConfig.device))
+    if checkpoint is not None and (model is not None or weights is not None or model_overrides):
+        raise ValueError("resume continues the saved model: do not pass a model, weights or ModelConfig fields")
+    source = DataSource(**{**(checkpoint["data"] if checkpoint else {}), **given})
+    if checkpoint is None and train_overrides.get("check_data", TrainConfig.check_data):
+        source.check()
+    saved_device = checkpoint["train_config"]["device"] if checkpoint else TrainConfig.device
+    process = init_distributed(train_overrides.get("device", saved_device))
     try:
-        skip_bad = config.skip_bad_images if checkpoint else train_overrides.get("skip_bad_images", False)
-        train_set = source.open("train", skip_bad)
         if checkpoint is not None:
-            network = RTDETRModel(ModelConfig(**checkpoint["config"]))
-            if list(checkpoint["category_ids"]) != train_set.category_ids:
-                raise ValueError(f"{train_set.ann_file} has category ids {train_set.category_ids}, the "
-                                 f"checkpoint {checkpoint['category_ids']}: resume on the dataset it was trained on")  # fmt: skip
+            trainer = resumed_trainer(checkpoint, Path(resume), source, train_overrides, process, callbacks)
         else:
-            seed_everything(train_overrides.get("seed", TrainConfig.seed))  # the same initial weights on every rank
-            network = build_model(model, weights, len(train_set.class_names), model_overrides)
-        val_set = source.open("val")
-        check_same_classes(train_set, val_set)
-        if checkpoint is not None:
-            budget = TimeBudget.from_state_dict(checkpoint["budget"]) if checkpoint.get("budget") else None
-            recipe = checkpoint.get("recipe") or {}
-        else:
-            pretrained = weights is not None or isinstance(model, RTDETRModel)
-            resolution = resolve_recipe(train_overrides, network, train_set, val_set, process, pretrained)
-            config, budget, recipe = resolution.config, resolution.budget, resolution.record()
-            if process.is_main:
-                logger.info("training settings (recipe %r):\n%s", config.recipe, resolution.table())
-        seed_everything(config.seed + process.rank)  # augmentation and denoising noise differ per rank
-        trainer = Trainer(network, config, train_set, val_set, process, callbacks, budget, recipe, source.record())
-        if checkpoint is not None:
-            trainer.load_state(checkpoint)
+            trainer = new_trainer(model, weights, source, train_overrides, model_overrides, process, callbacks)
         trainer.fit()
         return trainer.output
     finally:
         cleanup_distributed()
+
+
+def new_trainer(
+    model: RTDETRModel | str | None, weights: str | Path | None, source: DataSource, train_overrides: dict[str, Any],
+    model_overrides: dict[str, Any], process: Rank, callbacks: Sequence[Callable[[Trainer], None]],
+) -> Trainer:  # fmt: skip
+    """A fresh run: the network (from a preset, a model or weights), its data and the resolved recipe."""
+    train_set = source.open("train", train_overrides.get("skip_bad_images", False))
+    val_set = source.open("val")
+    check_same_classes(train_set, val_set)
+    seed_everything(train_overrides.get("seed", TrainConfig.seed))  # the same initial weights on every rank
+    network = build_model(model, weights, len(train_set.class_names), model_overrides)
+    pretrained = weights is not None or isinstance(model, RTDETRModel)
+    resolution = resolve_recipe(train_overrides, network, train_set, val_set, process, pretrained)
+    if process.is_main:
+        logger.info("training settings (recipe %r):\n%s", resolution.config.recipe, resolution.table())
+    seed_everything(resolution.config.seed + process.rank)  # augmentation and denoising noise differ per rank
+    return Trainer(network, resolution.config, train_set, val_set, process, callbacks, resolution.budget,
+                   resolution.record(), source.record())  # fmt: skip
+
+
+def resumed_trainer(
+    checkpoint: dict[str, Any], path: Path, source: DataSource, train_overrides: dict[str, Any], process: Rank,
+    callbacks: Sequence[Callable[[Trainer], None]],
+) -> Trainer:  # fmt: skip
+    """The run of a last.pt, in its folder unless told otherwise, with its recipe, budget and state."""
+    config = TrainConfig(**checkpoint["train_config"]).replace(**{"output": str(path.parent), **train_overrides})
+    train_set = source.open("train", config.skip_bad_images)
+    if list(checkpoint["category_ids"]) != train_set.category_ids:
+        raise ValueError(f"{train_set.ann_file} has category ids {train_set.category_ids}, the checkpoint "
+                         f"{checkpoint['category_ids']}: resume on the dataset it was trained on")  # fmt: skip
+    val_set = source.open("val")
+    network = RTDETRModel(ModelConfig(**checkpoint["config"]))
+    budget = TimeBudget.from_state_dict(checkpoint["budget"]) if checkpoint.get("budget") else None
+    seed_everything(config.seed + process.rank)
+    trainer = Trainer(network, config, train_set, val_set, process, callbacks, budget, checkpoint.get("recipe"),
+                      source.record())  # fmt: skip
+    trainer.load_state(checkpoint)
+    return trainer
 
 
 def resolve_recipe(
