@@ -129,8 +129,9 @@ def autocast(device: torch.device | str, amp: str) -> AbstractContextManager:
 
 @dataclass
 class TrainConfig:
-    """Every training hyperparameter. Defaults are the official recipe (facts: v1 optimizer.yml, v2 LinearWarmup,
-    EMA and AMP options; `TrainConfig.for_model` applies the per-variant backbone lr).
+    """Every training hyperparameter. The field defaults are the official recipe (v1 optimizer.yml, v2
+    LinearWarmup, EMA and AMP options; `TrainConfig.for_model` applies the per-variant backbone lr), but a run
+    resolves every field you do not set through its `recipe` (`engine.recipe.resolve`; 'auto' by default).
 
     Batch: `batch_size` images per optimizer step in total (all processes and accumulation passes; official 16).
     Each process runs `step_batch_size` images per forward pass (0: batch_size / world size) and gradients

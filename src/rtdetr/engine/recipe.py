@@ -7,7 +7,7 @@ every field it chose, the reason why), printed as a table at the start and store
     print(resolution.table())
 
 Recipes (`TrainConfig.recipe`):
-* 'official': the official COCO numbers (facts section 5, today's TrainConfig defaults): lr 1e-4, backbone
+* 'official': the official COCO numbers (v1 `optimizer.yml`, the TrainConfig defaults): lr 1e-4, backbone
   1e-5 (R101 1e-6), warmup 2000, EMA 0.9999 / 2000, 72 epochs, the last one without strong augmentation,
   constant lr.
 * 'official-v2': the same with RT-DETRv2's per-backbone lr, epochs and augmentation / multi-scale stops.
@@ -33,7 +33,7 @@ from .loaders import loader_workers
 
 SET_BY_YOU = "set by you"
 
-# ---- the official numbers (facts section 5 and the v2 table of section 1) ------------------------------
+# ---- the official numbers (v1 `optimizer.yml`, the v2 configs `rtdetrv2_r*vd_*.yml`) --------------------------
 OFFICIAL_LR = 1e-4
 OFFICIAL_EPOCHS = 72
 OFFICIAL_WARMUP = 2000
