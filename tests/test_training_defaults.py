@@ -139,3 +139,30 @@ def test_too_small_an_input_is_refused_with_the_smallest_size_that_works(shapes,
     err = capsys.readouterr().err
     assert "84 encoder tokens, fewer than the 300 queries" in err and "128x128" in err
     assert not (tmp_path / "run").exists()
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_a_resumed_budget_run_keeps_its_accounting(shapes, tmp_path):
+    """Killed halfway through a 4 s budget and resumed: the resumed run spends only what was left."""
+    budget_s = 4.0
+
+    def interrupt(trainer: Trainer) -> None:
+        if trainer.budget.spent_seconds > budget_s / 2:
+            trainer.save_last()
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train("rtdetr_tiny", shapes, output=str(tmp_path), time_minutes=budget_s / 60, callbacks=[interrupt], **FAST)
+    cut = torch_load(tmp_path / "last.pt")["budget"]
+    spent_before = cut["train_seconds"] + cut["evaluation_seconds"]
+    assert spent_before > budget_s / 2
+    ends: list[float] = []
+    train(resume=tmp_path / "last.pt", callbacks=[lambda trainer: ends.append(time.perf_counter())])
+    done = torch_load(tmp_path / "last.pt")
+    steps = [b - a for a, b in zip(ends, ends[1:])] or [0.0]
+    resumed_seconds = ends[-1] - (ends[0] - steps[0])
+    assert resumed_seconds <= budget_s - spent_before + 2 * max(steps) + done["budget"]["eval_seconds"]
+    assert done["budget"]["budget_seconds"] == budget_s and (tmp_path / "best.pt").exists()

@@ -305,7 +305,13 @@ def _fit_budget(c: _Choices, facts: RunFacts, eval_every: int, cap: int) -> int:
 
 
 def _auto_lr(facts: RunFacts, batch_size: int) -> tuple[float, str]:
-    if facts.pretrained:
+    if facts.pretrained and facts.num_parameters <= SMALL_MODEL:
+        lr, why = SMALL_MODEL_LR, (
+            f"fine-tuning a small model ({facts.num_parameters / 1e6:.2f}M parameters): 1e-3 as from scratch "
+            "(measured, 5 min on the digits from our demo-trained weights: AP 0.428 at 1e-3 everywhere, 0.038 at "
+            "1e-4 / backbone 1e-5, 0.251 from scratch)"
+        )  # fmt: skip
+    elif facts.pretrained:
         lr, why = OFFICIAL_LR, "fine-tuning: the official 1e-4 at batch 16 (the official runs start pretrained too)"
     elif facts.num_parameters <= SMALL_MODEL:
         lr, why = SMALL_MODEL_LR, (
@@ -329,6 +335,8 @@ def _auto_lr(facts: RunFacts, batch_size: int) -> tuple[float, str]:
 def _auto_backbone_lr(facts: RunFacts, lr: float) -> tuple[float, str]:
     if not facts.pretrained:
         return lr, "= lr: a random backbone must learn as fast as the rest (the runs that learned did; v2 R18 too)"
+    if facts.num_parameters <= SMALL_MODEL:
+        return lr, "= lr: a small model's backbone adapts at the full lr (the measured fine-tuning run above)"
     # The official v2 ratios are lower for the large backbones (R101 0.01, HGNetv2-L 0.05).
     ratio = min(0.1, V2_RECIPES[facts.variant].backbone_lr / OFFICIAL_LR)
     return lr * ratio, f"{ratio:g} x lr: fine-tuning keeps the pretrained features (official: 1e-5, R101 1e-6)"

@@ -143,13 +143,14 @@ class Trainer:
             self.process.world_size, self.step_batch, self.accumulation, self.output,
         )  # fmt: skip
         self.clock = time.perf_counter()
-        while self.epoch < self.epochs and not self.reached_max_steps():
+        # With a time budget only the budget ends the run (its epochs are an estimate, which may differ per rank).
+        while (self.budget is not None or self.epoch < self.epochs) and not self.reached_max_steps():
             losses = self.train_one_epoch()
             out_of_time = self.out_of_time()
             if self.step_in_epoch < self.steps_per_epoch and not out_of_time:  # stopped by max_steps
                 self.save_last()
                 return
-            last = out_of_time or self.epoch == self.epochs - 1
+            last = out_of_time or (self.budget is None and self.epoch == self.epochs - 1)
             metrics = self.evaluate() if last or (self.epoch + 1) % self.config.eval_interval == 0 else None
             if self.step_in_epoch == self.steps_per_epoch:
                 self.epoch, self.step_in_epoch = self.epoch + 1, 0
