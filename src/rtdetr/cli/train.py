@@ -60,12 +60,13 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def add(sub: argparse._SubParsersAction) -> None:
     """Add `train`, `eval` and `demo` to the `rtdetr` command's verbs."""
-    t = sub.add_parser("train", help="train or fine-tune on a COCO-format dataset",
+    t = sub.add_parser("train", help="train or fine-tune on a dataset (COCO, Roboflow or YOLO layout)",
                        description="Train from scratch (--preset) or fine-tune (--weights) on a dataset folder, "
                        "or continue a run (--resume). Writes best.pt, last.pt, log.jsonl and curves.png.")  # fmt: skip
     t.add_argument("--preset", choices=sorted(PRESETS),
                    help="architecture (default: that of --weights, else rtdetr_r18vd)")  # fmt: skip
-    t.add_argument("--data", help="dataset folder, COCO layout (annotations/instances_<split>.json) or Roboflow")
+    t.add_argument("--data", help="dataset folder: COCO (annotations/instances_<split>.json), Roboflow or YOLO "
+                   "(data.yaml) layout, checked before training")  # fmt: skip
     t.add_argument("--train-ann", help="train annotation file (instead of / overriding --data)")
     t.add_argument("--train-images", help="train image folder")
     t.add_argument("--val-ann", help="val annotation file")
@@ -93,7 +94,7 @@ def add(sub: argparse._SubParsersAction) -> None:
                        description="COCO box metrics (pycocotools) of a checkpoint on a dataset split; writes "
                        "metrics.json and predictions.json (COCO results) to --output.")  # fmt: skip
     e.add_argument("--weights", required=True, help="checkpoint: ours, official .pth, or a Hugging Face folder")
-    e.add_argument("--data", help="dataset folder (COCO or Roboflow layout)")
+    e.add_argument("--data", help="dataset folder (COCO, Roboflow or YOLO layout)")
     e.add_argument("--split", default="val", help="default: %(default)s")
     e.add_argument("--ann", help="annotation file (instead of --data)")
     e.add_argument("--images", help="image folder (with --ann)")
