@@ -46,7 +46,7 @@ def test_fit_leaves_the_best_weights_of_the_run_in_the_model(fitted, shapes):
     assert result.metrics == best["metrics"] and result.best_epoch == best["epoch"]
     for name, value in model.state_dict().items():
         assert torch.equal(value, best["model"][name]), name
-    # The backbone started from the model's own weights (fine-tuning), and training moved them.
+    # Fine-tuning trains the backbone too (not frozen): its weights moved away from the starting ones.
     assert not torch.equal(model.backbone.conv1.conv1_1.conv.weight, before["backbone.conv1.conv1_1.conv.weight"])
 
 
