@@ -1,4 +1,4 @@
-"""Multi-scale deformable attention against a naive per-point bilinear loop (facts 3.4)."""
+"""Multi-scale deformable attention against naive per-point loops: bilinear (facts 3.4) and v2 discrete."""
 
 import math
 
@@ -121,9 +121,9 @@ def test_sampling_locations_and_full_forward(monkeypatch):
     captured = {}
     real_core = deform_attn.deformable_attention_core
 
-    def spy(values, locations, weights, num_points):
+    def spy(values, locations, weights, num_points, method):
         captured.update(locations=locations, weights=weights)
-        return real_core(values, locations, weights, num_points)
+        return real_core(values, locations, weights, num_points, method)
 
     monkeypatch.setattr(deform_attn, "deformable_attention_core", spy)
     with torch.no_grad():
@@ -146,3 +146,86 @@ def test_sampling_locations_and_full_forward(monkeypatch):
 def test_rejects_bad_head_count():
     with pytest.raises(ValueError):
         MSDeformableAttention(embed_dim=10, num_heads=4)
+
+
+def nearest_cell(img: torch.Tensor, x: float, y: float, official: bool = False) -> torch.Tensor:
+    """img [C, H, W] at the cell of (x, y) in [0, 1], by the official v2 formula written out per point:
+    int(loc * size + 0.5) truncated toward zero, then clamped to the map. `official` clamps x to H - 1 as the
+    official code does (it clamps both coordinates to [0, H - 1])."""
+    _, h, w = img.shape
+    col, row = int(x * w + 0.5), int(y * h + 0.5)  # int() truncates toward zero, like the int64 cast
+    col = min(max(col, 0), (h if official else w) - 1)
+    row = min(max(row, 0), h - 1)
+    return img[:, row, col]
+
+
+def naive_discrete_core(value, spatial_shapes, locations, weights, num_points, official=False):
+    b, _, heads, d = value.shape
+    lq = locations.shape[1]
+    starts = [0]
+    for h, w in spatial_shapes:
+        starts.append(starts[-1] + h * w)
+    out = torch.zeros(b, lq, heads, d, dtype=value.dtype)
+    for bi in range(b):
+        for hi in range(heads):
+            for qi in range(lq):
+                p_index = 0
+                for level, (h, w) in enumerate(spatial_shapes):
+                    img = value[bi, starts[level] : starts[level + 1], hi].T.reshape(d, h, w)
+                    for _ in range(num_points[level]):
+                        x, y = locations[bi, qi, hi, p_index].tolist()
+                        out[bi, qi, hi] += weights[bi, qi, hi, p_index] * nearest_cell(img, x, y, official)
+                        p_index += 1
+    return out.reshape(b, lq, heads * d)
+
+
+def random_case(shapes, seed):
+    g = torch.Generator().manual_seed(seed)
+    b, heads, d, lq = 2, 2, 3, 4
+    value = torch.randn(b, sum(h * w for h, w in shapes), heads, d, generator=g, dtype=torch.float64)
+    # partly outside [0, 1] (small negatives truncate to cell 0, large values clamp to the last cell)
+    locations = torch.rand(b, lq, heads, sum(POINTS), 2, generator=g, dtype=torch.float64) * 1.6 - 0.3
+    weights = torch.rand(b, lq, heads, sum(POINTS), generator=g, dtype=torch.float64)
+    return value, locations, weights
+
+
+def test_discrete_core_matches_naive_loop_on_non_square_maps():
+    value, locations, weights = random_case(SHAPES, seed=3)
+    got = deformable_attention_core(level_maps(value, SHAPES), locations, weights, POINTS, method="discrete")
+    ref = naive_discrete_core(value, SHAPES, locations, weights, POINTS)
+    assert (got - ref).abs().max().item() < 1e-12
+    # and it is not the bilinear result
+    assert (got - deformable_attention_core(level_maps(value, SHAPES), locations, weights, POINTS)).abs().max() > 1e-2
+
+
+def test_discrete_equals_the_official_index_on_square_maps():
+    square = [(4, 4), (2, 2), (1, 1)]
+    value, locations, weights = random_case(square, seed=4)
+    got = deformable_attention_core(level_maps(value, square), locations, weights, POINTS, method="discrete")
+    official = naive_discrete_core(value, square, locations, weights, POINTS, official=True)
+    assert (got - official).abs().max().item() < 1e-12
+
+
+def test_discrete_freezes_sampling_offsets_and_rejects_unknown_methods():
+    module = MSDeformableAttention(embed_dim=16, num_heads=2, num_points=(1, 2, 3), method="discrete")
+    assert not any(p.requires_grad for p in module.sampling_offsets.parameters())
+    assert all(p.requires_grad for p in module.attention_weights.parameters())
+    with pytest.raises(ValueError, match="discrete"):
+        MSDeformableAttention(embed_dim=16, num_heads=2, method="nearest")
+
+
+def test_offset_scale_scales_the_offsets():
+    torch.manual_seed(2)
+    half = MSDeformableAttention(embed_dim=8, num_heads=2, num_points=(2, 2, 2))
+    double = MSDeformableAttention(embed_dim=8, num_heads=2, num_points=(2, 2, 2), offset_scale=1.0)
+    double.load_state_dict(half.state_dict())
+    with torch.no_grad():
+        for p in half.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+        double.load_state_dict(half.state_dict())
+        query, memory = torch.randn(1, 3, 8), torch.randn(1, sum(h * w for h, w in SHAPES), 8)
+        ref = torch.tensor([[[0.5, 0.5, 0.2, 0.2]] * 3])
+        wide = ref.clone()
+        wide[..., 2:] *= 2  # offset_scale 1.0 on a box equals 0.5 on a box twice as large
+        maps = level_maps(memory[:, :, None], SHAPES)
+        torch.testing.assert_close(double(query, ref, maps), half(query, wide, maps))

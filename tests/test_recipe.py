@@ -20,8 +20,8 @@ def facts(variant="r18vd", params=669_085, pretrained=False, steps_per_epoch=125
     return RunFacts(variant, params, pretrained=pretrained, steps_per_epoch=steps_per_epoch, **{**fields, **kwargs})
 
 
-def coco(variant: str, params: int, pretrained: bool = False) -> RunFacts:
-    return facts(variant, params, pretrained, COCO_STEPS_PER_EPOCH, image_size=(640, 640))
+def coco(variant: str, params: int, pretrained: bool = False, **kwargs) -> RunFacts:
+    return facts(variant, params, pretrained, COCO_STEPS_PER_EPOCH, image_size=(640, 640), **kwargs)
 
 
 def test_official_variant_names():
@@ -39,29 +39,54 @@ def test_official_is_todays_official_defaults(variant, backbone_lr):
     assert chosen == {"lr": 1e-4, "backbone_lr": backbone_lr, "warmup_steps": 2000, "ema_decay": 0.9999,
                       "ema_warmups": 2000, "stop_epoch": -1, "lr_schedule": "constant", "epochs": 72,
                       "eval_interval": 1}  # fmt: skip
+    # the official v1 parameter groups of the variant, named (what 'auto' picks by depth too)
+    assert config.param_groups == variant
     # every other field too, but the loader workers (chosen for the device, not a number of the recipe)
-    assert config.replace(num_workers=-1) == TrainConfig.for_model(preset(f"rtdetr_{variant}"), recipe="official")
+    expected = TrainConfig.for_model(preset(f"rtdetr_{variant}"), recipe="official", param_groups=variant)
+    assert config.replace(num_workers=-1) == expected
 
 
-V2_EXPECTED = {  # variant: (backbone lr, epochs, first epoch without strong augmentation, multi-scale)
-    "r18vd": (1e-4, 120, 117, ()),
-    "r34vd": (5e-5, 120, 117, MULTISCALE_SIZES),
-    "r50vd_m": (1e-5, 84, 81, MULTISCALE_SIZES),
-    "r50vd": (1e-5, 72, 71, MULTISCALE_SIZES),
-    "r101vd": (1e-6, 72, 71, MULTISCALE_SIZES),
-    "hgnetv2_l": (5e-6, 72, 71, MULTISCALE_SIZES),
-    "hgnetv2_x": (1e-6, 72, 71, MULTISCALE_SIZES),
+V2_EXPECTED = {  # variant: (backbone lr, epochs, first epoch without strong augmentation, multi-scale, groups)
+    "r18vd": (1e-4, 120, 117, (), "v2_r18vd"),
+    "r34vd": (5e-5, 120, 117, MULTISCALE_SIZES, "v2_r34vd"),
+    "r50vd_m": (1e-5, 84, 81, MULTISCALE_SIZES, "v2_r50vd"),
+    "r50vd": (1e-5, 72, 71, MULTISCALE_SIZES, "v2_r50vd"),
+    "r101vd": (1e-6, 72, 71, MULTISCALE_SIZES, "v2_r101vd"),
+    "hgnetv2_l": (5e-6, 72, 71, MULTISCALE_SIZES, "v2_r101vd"),
+    "hgnetv2_x": (1e-6, 72, 71, MULTISCALE_SIZES, "v2_r101vd"),
+    "hgnetv2_h": (5e-6, 72, 71, MULTISCALE_SIZES, "v2_r101vd"),
 }
 
 
 @pytest.mark.parametrize("variant", V2_EXPECTED)
 def test_official_v2_per_backbone_numbers(variant):
     config = resolve({"recipe": "official-v2"}, coco(variant, 30_000_000)).config
-    backbone_lr, epochs, stop_epoch, multiscale = V2_EXPECTED[variant]
+    backbone_lr, epochs, stop_epoch, multiscale, groups = V2_EXPECTED[variant]
     assert (config.lr, config.backbone_lr) == (1e-4, backbone_lr)  # r18vd: backbone_lr == lr
     assert (config.epochs, config.resolved_stop_epoch, config.multiscale_sizes) == (epochs, stop_epoch, multiscale)
+    assert config.param_groups == groups
     assert (config.warmup_steps, config.ema_decay, config.ema_warmups, config.lr_schedule) == (
         2000, 0.9999, 2000, "constant")  # fmt: skip
+
+
+# the dsp configs (rtdetrv2_*_dsp_*.yml): epochs, first epoch without strong augmentation and multi-scale
+V2_DSP_EXPECTED = {"r18vd": (36, 33, ()), "r34vd": (12, 10, MULTISCALE_SIZES), "r50vd_m": (36, 33, MULTISCALE_SIZES),
+                   "r50vd": (12, 10, MULTISCALE_SIZES)}  # fmt: skip
+
+
+@pytest.mark.parametrize("variant", V2_DSP_EXPECTED)
+def test_official_v2_discrete_sampling_uses_the_dsp_configs(variant):
+    resolution = resolve({"recipe": "official-v2"}, coco(variant, 30_000_000, discrete_sampling=True))
+    config = resolution.config
+    assert (config.epochs, config.resolved_stop_epoch, config.multiscale_sizes) == V2_DSP_EXPECTED[variant]
+    assert config.backbone_lr == V2_EXPECTED[variant][0] and "dsp" in resolution.reasons["epochs"]
+
+
+def test_official_variant_of_v2_and_hgnetv2_presets():
+    names = ("rtdetrv2_r18vd", "rtdetrv2_r50vd_m", "rtdetrv2_hgnetv2_l", "rtdetrv2_hgnetv2_x", "rtdetrv2_hgnetv2_h",
+             "rtdetr_hgnetv2_l")  # fmt: skip
+    assert [official_variant(preset(n)) for n in names] == ["r18vd", "r50vd_m", "hgnetv2_l", "hgnetv2_x",
+                                                            "hgnetv2_h", "hgnetv2_l"]  # fmt: skip
 
 
 def test_official_v1_has_no_hgnetv2():

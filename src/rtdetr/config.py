@@ -3,7 +3,8 @@
 `ModelConfig` is the single source of truth for the architecture: presets are frozen instances in a read-only
 mapping (`preset(name, **overrides)` returns a new config), checkpoints store `asdict(config)`, and overrides
 are applied by field name with type checks.
-Values follow the official v1 configs (lyuwenyu/RT-DETR, `rtdetr_pytorch/configs/rtdetr/`).
+Values follow the official configs (lyuwenyu/RT-DETR: v1 `rtdetr_pytorch/configs/rtdetr/`, v2
+`rtdetrv2_pytorch/configs/rtdetrv2/`).
 """
 
 from __future__ import annotations
@@ -18,23 +19,34 @@ from typing import Any, Mapping
 import torch
 
 
+BACKBONES = ("resnet_vd", "hgnetv2_l", "hgnetv2_x", "hgnetv2_h")
+HGNETV2_OUT_CHANNELS = (512, 1024, 2048)  # stages 2..4 of HGNetv2 L, X and H alike (official arch tables)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    """Every architectural hyperparameter of RT-DETR.
+    """Every architectural hyperparameter of RT-DETR and RT-DETRv2.
 
-    Backbone: ResNet-vd ("PResNet") of `depth` 18/34/50/101. `stage_channels` and `stem_channels`
-    default to the official widths (64..512, stem 32/64); `stage_blocks` overrides the per-depth
-    block counts (used only by the tiny preset).
+    Backbone: ResNet-vd ("PResNet") of `depth` 18/34/50/101, or HGNetv2 L/X/H (RT-DETR-L/X, RT-DETRv2-HGNetv2).
+    For ResNet-vd, `stage_channels` and `stem_channels` default to the official widths (64..512, stem 32/64);
+    `stage_blocks` overrides the per-depth block counts (used only by the tiny preset). HGNetv2's widths are
+    the official arch tables (`models.hgnetv2`); `depth`, `stem_channels`, `stage_*` do not apply to it.
+
+    `version` is the official code line the model follows: 1 (`rtdetr_pytorch`) or 2 (`rtdetrv2_pytorch`). Both
+    compute the same function at the default options; v2 adds points per level, `cross_attn_method`,
+    `query_select_method` and `offset_scale`, and names some tensors differently in its checkpoints.
     """
 
-    # Backbone (returns strides 8/16/32): "resnet_vd" (ResNet-vd of `depth`)
+    version: int = 1
+    # Backbone (returns strides 8/16/32): one of BACKBONES
     backbone: str = "resnet_vd"
     depth: int = 18
-    freeze_at: int = -1  # -1: nothing frozen; 0: the stem conv1 frozen; k>0: stem and the first k stages
+    freeze_at: int = -1  # -1: nothing frozen; 0: the stem frozen; k>0: stem and the first k stages
     freeze_norm: bool = False  # every backbone BatchNorm2d -> FrozenBatchNorm2d
     stem_channels: int = 64
     stage_channels: tuple[int, ...] = (64, 128, 256, 512)
     stage_blocks: tuple[int, ...] | None = None  # None: the official counts for `depth`
+    use_lab: bool = False  # HGNetv2: a learnable scale and bias after each activation (official: off for RT-DETR)
 
     # Efficient hybrid encoder (AIFI + CCFF)
     encoder_hidden_dim: int = 256
@@ -52,6 +64,9 @@ class ModelConfig:
     num_decoder_layers: int = 3
     eval_idx: int = -1  # decoder layer whose head gives the eval output (-1: the last)
     num_points: tuple[int, ...] = (4, 4, 4)  # deformable sampling points per feature level
+    cross_attn_method: str = "default"  # v2: 'default' (bilinear) | 'discrete' (nearest cell: the dsp models)
+    offset_scale: float = 0.5  # sampling offsets are scaled by ref_wh * offset_scale / P_l (v1: fixed 0.5)
+    query_select_method: str = "default"  # v2: 'default' | 'one2many' | 'agnostic' (see decoder.query_selection)
     num_queries: int = 300
     num_classes: int = 80
     num_denoising: int = 100
@@ -67,8 +82,15 @@ class ModelConfig:
             value = getattr(self, f.name)
             if isinstance(value, list):
                 object.__setattr__(self, f.name, tuple(value))
-        if self.backbone != "resnet_vd":
-            raise ValueError(f"ModelConfig.backbone must be 'resnet_vd', got {self.backbone!r}")
+        choices = {
+            "version": (self.version, (1, 2)),
+            "backbone": (self.backbone, BACKBONES),
+            "cross_attn_method": (self.cross_attn_method, ("default", "discrete")),
+            "query_select_method": (self.query_select_method, ("default", "one2many", "agnostic")),
+        }
+        for name, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise ValueError(f"ModelConfig.{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
         if self.depth not in (18, 34, 50, 101):
             raise ValueError(f"ModelConfig.depth must be 18, 34, 50 or 101, got {self.depth}")
         if len(self.num_points) != 3:
@@ -81,7 +103,9 @@ class ModelConfig:
 
     @property
     def backbone_out_channels(self) -> tuple[int, int, int]:
-        """Channels of the backbone's S3, S4, S5 outputs (bottlenecks expand x4)."""
+        """Channels of the backbone's S3, S4, S5 outputs (ResNet bottlenecks expand x4)."""
+        if self.backbone.startswith("hgnetv2"):
+            return HGNETV2_OUT_CHANNELS
         expansion = 4 if self.depth >= 50 else 1
         return tuple(c * expansion for c in self.stage_channels[1:])  # type: ignore[return-value]
 
@@ -251,6 +275,8 @@ def check_overrides(cls: type, overrides: dict[str, Any]) -> dict[str, Any]:
 
 
 _R50_LIKE = dict(depth=50, freeze_at=0, freeze_norm=True, expansion=1.0, num_decoder_layers=6)
+_HGNETV2_L = dict(backbone="hgnetv2_l", freeze_at=0, freeze_norm=True, expansion=1.0, num_decoder_layers=6)
+_HGNETV2_X = dict(_HGNETV2_L, backbone="hgnetv2_x", encoder_hidden_dim=384, encoder_ffn_dim=2048)
 
 PRESETS: Mapping[str, ModelConfig] = MappingProxyType({
     "rtdetr_r18vd": ModelConfig(depth=18, expansion=0.5, num_decoder_layers=3),
@@ -260,6 +286,24 @@ PRESETS: Mapping[str, ModelConfig] = MappingProxyType({
     "rtdetr_r101vd": ModelConfig(
         **{**_R50_LIKE, "depth": 101, "encoder_hidden_dim": 384, "encoder_ffn_dim": 2048}
     ),
+    # RT-DETR-L / -X of the v1 README (HGNetv2 backbones; PaddlePaddle weights): 32 M / 67 M params.
+    "rtdetr_hgnetv2_l": ModelConfig(**_HGNETV2_L),
+    "rtdetr_hgnetv2_x": ModelConfig(**_HGNETV2_X),
+    # RT-DETRv2 (configs/rtdetrv2/*.yml). The sp variants are `num_points=(1, 1, 1)` .. `(3, 3, 3)`, the dsp
+    # variants `cross_attn_method="discrete"`.
+    "rtdetrv2_r18vd": ModelConfig(version=2, depth=18, expansion=0.5, num_decoder_layers=3),
+    "rtdetrv2_r34vd": ModelConfig(version=2, depth=34, expansion=0.5, num_decoder_layers=4),
+    "rtdetrv2_r50vd_m": ModelConfig(**{**_R50_LIKE, "version": 2, "expansion": 0.5, "eval_idx": 2}),
+    "rtdetrv2_r50vd": ModelConfig(**_R50_LIKE, version=2),
+    "rtdetrv2_r101vd": ModelConfig(
+        **{**_R50_LIKE, "version": 2, "depth": 101, "encoder_hidden_dim": 384, "encoder_ffn_dim": 2048}
+    ),
+    "rtdetrv2_hgnetv2_l": ModelConfig(**_HGNETV2_L, version=2),
+    "rtdetrv2_hgnetv2_x": ModelConfig(**_HGNETV2_X, version=2),
+    "rtdetrv2_hgnetv2_h": ModelConfig(
+        **{**_HGNETV2_L, "backbone": "hgnetv2_h", "encoder_hidden_dim": 512, "encoder_ffn_dim": 2048,
+           "num_encoder_layers": 2}, version=2,
+    ),  # fmt: skip
     # Small widths for CPU training in a budget, the demo and tests (not an official model). The backbone's
     # 32..256 channels trained better in 10 minutes on 2 CPU cores than 16..128 (the demo and a small-object
     # dataset: benchmarks/RESULTS.md).

@@ -53,13 +53,46 @@ OFFICIAL_GROUPS: dict[str, tuple[GroupRule, ...]] = {
     ),
     # v1 rtdetr_r101vd_6x_coco.yml: only the backbone group (lr 1e-6), every tensor keeps weight decay
     "r101vd": (GroupRule("backbone", "backbone", backbone_lr=True, decay=True),),
+    # v2 rtdetrv2_r18vd_120e_coco.yml (and sp/dsp): no backbone group (the backbone trains at the base lr)
+    "v2_r18vd": (GroupRule("norm", r"^(?=.*(?:norm|bn)).*$", backbone_lr=False, decay=False),),
+    # v2 rtdetrv2_r34vd_120e_coco.yml (and dsp), patterns verbatim: `(?=.*norm|bn)` reads "(?=.*norm) or bn"
+    "v2_r34vd": (
+        GroupRule("backbone", r"^(?=.*backbone)(?!.*norm|bn).*$", backbone_lr=True, decay=True),
+        GroupRule("backbone_norm", r"^(?=.*backbone)(?=.*norm|bn).*$", backbone_lr=True, decay=False),
+        GroupRule(
+            "encoder_decoder_norm_bias", r"^(?=.*(?:encoder|decoder))(?=.*(?:norm|bn|bias)).*$", False, False
+        ),
+    ),
+    # v2 include optimizer.yml (r50vd; r50vd_m the same)
+    "v2_r50vd": (
+        GroupRule("backbone", r"^(?=.*backbone)(?!.*norm).*$", backbone_lr=True, decay=True),
+        GroupRule("encoder_decoder_norm", r"^(?=.*(?:encoder|decoder))(?=.*(?:norm|bn)).*$", False, False),
+    ),
+    # v2 rtdetrv2_r101vd_6x_coco.yml and rtdetrv2_hgnetv2_{l,x,h}_6x_coco.yml
+    "v2_r101vd": (
+        GroupRule("backbone", r"^(?=.*backbone)(?!.*norm|bn).*$", backbone_lr=True, decay=True),
+        GroupRule("encoder_decoder_norm", r"^(?=.*(?:encoder|decoder))(?=.*(?:norm|bn)).*$", False, False),
+    ),
 }
 _BY_DEPTH = {18: "r18vd", 34: "r34vd", 50: "r50vd", 101: "r101vd"}
 
 
+def official_groups(variant: str, version: int) -> str:
+    """The OFFICIAL_GROUPS name of an official variant ('r18vd' .. 'r101vd', 'r50vd_m', 'hgnetv2_l/x/h') in
+    the v1 or v2 configs (HGNetv2 exists only in v2; its groups are the v2 r101vd ones)."""
+    if variant.startswith("hgnetv2"):
+        return "v2_r101vd"
+    name = "r50vd" if variant == "r50vd_m" else variant
+    return f"v2_{name}" if version == 2 else name
+
+
 def group_rules(name: str, model_config: ModelConfig) -> tuple[GroupRule, ...]:
-    """The official rules `name` ('auto': those of the model's backbone depth)."""
-    key = _BY_DEPTH[model_config.depth] if name == "auto" else name
+    """The official rules `name` ('auto': the v1 rules of the model's ResNet depth, which give the backbone
+    its own lr; for HGNetv2 the v2 rules)."""
+    if name == "auto":
+        hgnetv2 = model_config.backbone.startswith("hgnetv2")
+        name = official_groups(model_config.backbone if hgnetv2 else _BY_DEPTH[model_config.depth], 1)
+    key = name
     if key not in OFFICIAL_GROUPS:
         raise ValueError(f"unknown param_groups '{name}'; choose 'auto' or one of {', '.join(OFFICIAL_GROUPS)}")
     return OFFICIAL_GROUPS[key]

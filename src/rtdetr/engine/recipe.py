@@ -30,6 +30,7 @@ from ..config import ModelConfig, TrainConfig, check_overrides
 from ..data.coco import MULTISCALE_SIZES
 from .schedule import TimeBudget, steps_that_fit
 from .loaders import loader_workers
+from .optim import official_groups
 
 SET_BY_YOU = "set by you"
 
@@ -61,6 +62,13 @@ V2_RECIPES = {
     "hgnetv2_l": V2Recipe(72, 1, multiscale=True, backbone_lr=5e-6),
     "hgnetv2_x": V2Recipe(72, 1, multiscale=True, backbone_lr=1e-6),
     "hgnetv2_h": V2Recipe(72, 1, multiscale=True, backbone_lr=5e-6),
+}
+# The discrete-sampling ("dsp") configs fine-tune their bilinear parent (`tuning:`) for fewer epochs.
+V2_DSP_RECIPES = {
+    "r18vd": V2Recipe(36, 3, multiscale=False, backbone_lr=1e-4),  # rtdetrv2_r18vd_dsp_3x
+    "r34vd": V2Recipe(12, 2, multiscale=True, backbone_lr=5e-5),  # rtdetrv2_r34vd_dsp_1x
+    "r50vd_m": V2Recipe(36, 3, multiscale=True, backbone_lr=1e-5),  # rtdetrv2_r50vd_m_dsp_3x
+    "r50vd": V2Recipe(12, 2, multiscale=True, backbone_lr=1e-5),  # rtdetrv2_r50vd_dsp_1x
 }
 
 # ---- the auto rules -------------------------------------------------------------------------------------
@@ -101,6 +109,7 @@ class RunFacts:
     eval_seconds: float = 0.0
     device_type: str = "cpu"
     cpu_cores: int = 1
+    discrete_sampling: bool = False  # the model samples with cross_attn_method 'discrete' (v2 dsp)
 
     def __post_init__(self) -> None:
         if self.variant not in V2_RECIPES:
@@ -148,8 +157,11 @@ class Resolution:
 
 
 def official_variant(model: ModelConfig) -> str:
-    """The official ResNet variant of `model`: 'r18vd', 'r34vd', 'r50vd_m' (R50 with CCFF expansion 0.5),
-    'r50vd' or 'r101vd'. Small custom widths (rtdetr_tiny) count as their depth's variant."""
+    """The official variant of `model`: 'r18vd', 'r34vd', 'r50vd_m' (R50 with CCFF expansion 0.5), 'r50vd',
+    'r101vd', or the backbone name for HGNetv2 ('hgnetv2_l' ...). Small custom widths (rtdetr_tiny) count as
+    their depth's variant."""
+    if model.backbone.startswith("hgnetv2"):
+        return model.backbone
     if model.depth == 50 and model.expansion < 1.0:
         return "r50vd_m"
     return f"r{model.depth}vd"
@@ -218,6 +230,8 @@ def _official(c: _Choices, facts: RunFacts, v2: bool) -> tuple[int, int]:
     c.choose("lr_schedule", "constant", "official: the MultiStepLR milestone (1000 epochs) never fires")
     c.choose("eval_interval", 1, "official: every epoch")
     c.choose("patience", 0, "official: no early stopping")
+    groups = official_groups(facts.variant, 2 if v2 else 1)
+    c.choose("param_groups", groups, f"official {'v2 ' if v2 else ''}{facts.variant} optimizer params")
     cap = epochs * facts.steps_per_epoch
     if c.get("time_minutes") > 0:
         return _fit_budget(c, facts, c.get("eval_interval") * facts.steps_per_epoch, cap), cap
@@ -235,20 +249,24 @@ def _official_v1_per_variant(c: _Choices, facts: RunFacts) -> int:
 
 
 def _official_v2_per_variant(c: _Choices, facts: RunFacts) -> int:
-    """epochs, stop_epoch, multi-scale and backbone lr of the RT-DETRv2 configs; the epochs."""
-    v2 = V2_RECIPES[facts.variant]
-    c.choose("stop_epoch", -v2.clean_epochs, f"official v2: the last {v2.clean_epochs} epoch(s) without strong "
-             "augmentation (and multi-scale)")  # fmt: skip
+    """epochs, stop_epoch, multi-scale and backbone lr of the RT-DETRv2 configs (the dsp ones for a discrete-
+    sampling model); the epochs. The official `policy.epoch` (strong augmentation) and `collate_fn.stop_epoch`
+    (multi-scale) are equal in every v2 config: both are `stop_epoch` here."""
+    dsp = facts.discrete_sampling and facts.variant in V2_DSP_RECIPES
+    v2 = V2_DSP_RECIPES[facts.variant] if dsp else V2_RECIPES[facts.variant]
+    config = f"{facts.variant}{' dsp (fine-tunes its bilinear parent)' if dsp else ''}"
+    c.choose("stop_epoch", -v2.clean_epochs, f"official v2 {config}: the last {v2.clean_epochs} epoch(s) without "
+             "strong augmentation (and multi-scale)")  # fmt: skip
     sizes = _multiscale_sizes(facts.image_size) if v2.multiscale else ()
     why = "official v2: the 480-800 px list (scaled to the image size) until stop_epoch"
     if not v2.multiscale:
-        why = f"official v2: none for {facts.variant}"
+        why = f"official v2: none for {config}"
     elif not sizes:
         why = "off: multi-scale needs a square image size"
     c.choose("multiscale_sizes", sizes, why)
     same = " (= lr: no separate backbone lr)" if v2.backbone_lr == OFFICIAL_LR else ""
-    c.choose("backbone_lr", v2.backbone_lr, f"official v2 {facts.variant}{same}")
-    return c.choose("epochs", v2.epochs, f"official v2 {facts.variant}")
+    c.choose("backbone_lr", v2.backbone_lr, f"official v2 {config}{same}")
+    return c.choose("epochs", v2.epochs, f"official v2 {config}")
 
 
 # ---- auto -----------------------------------------------------------------------------------------------

@@ -224,6 +224,7 @@ def resolve_recipe(
         tuple(network.config.image_size), len(train_set), per_epoch, pretrained=pretrained,
         seconds_per_step=seconds, eval_seconds=guess_eval_seconds(len(val_set), base.batch_size, seconds),
         device_type=process.device.type, cpu_cores=os.cpu_count() or 1,
+        discrete_sampling=network.config.cross_attn_method == "discrete",
     )  # fmt: skip
     return resolve(explicit, facts)
 

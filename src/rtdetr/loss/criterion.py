@@ -160,8 +160,17 @@ class RTDETRCriterion(nn.Module):
             if suffix.startswith("_dn_"):
                 indices[suffix] = denoising_indices(outputs["dn_groups"], targets)
             else:
-                indices[suffix] = self.matcher(preds, targets)
+                indices[suffix] = self.matcher(preds, self.set_targets(preds, targets))
         return indices
+
+    def set_targets(self, preds: dict[str, Tensor], targets: list[dict[str, Tensor]]) -> list[dict[str, Tensor]]:
+        """The targets a prediction set is supervised with: class-agnostic proposals (one logit per token,
+        v2 query_select_method 'agnostic') learn every object as class 0 (official v2 `enc_meta`). Unlike the
+        official code, they are also matched with class 0 (it matches with the real labels, whose class cost
+        cannot index a 1-class logit)."""
+        if preds["pred_logits"].shape[-1] == 1 and self.num_classes != 1:
+            return [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
+        return targets
 
     def forward(self, outputs: dict, targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         logits = outputs["pred_logits"]
@@ -174,7 +183,7 @@ class RTDETRCriterion(nn.Module):
             for suffix, preds in self.prediction_sets(outputs).items():
                 # Denoising normalises by every copy of every gt (official: num_boxes * num_group).
                 norm = num_boxes * outputs["dn_groups"].num_group if suffix.startswith("_dn_") else num_boxes
-                terms = self.set_losses(preds, targets, indices[suffix], norm)
+                terms = self.set_losses(preds, self.set_targets(preds, targets), indices[suffix], norm)
                 losses.update({name + suffix: value for name, value in terms.items()})
         losses["loss"] = sum(losses.values())
         return losses

@@ -20,6 +20,8 @@ from ..ops.boxes import inverse_sigmoid
 from .deform_attn import MSDeformableAttention
 from .denoising import DenoisingGroups, build_denoising_groups
 
+QUERY_SELECT_METHODS = ("default", "one2many", "agnostic")
+
 
 class MLP(nn.Module):
     """`num_layers` Linear layers with ReLU between them."""
@@ -63,11 +65,19 @@ def generate_anchors(
 class TransformerDecoderLayer(nn.Module):
     """Post-norm: self-attention -> multi-scale deformable cross-attention -> FFN, each with residual + LayerNorm."""
 
-    def __init__(self, d_model: int, nhead: int, dim_feedforward: int, num_points: tuple[int, ...]) -> None:
+    def __init__(
+        self,
+        d_model: int,
+        nhead: int,
+        dim_feedforward: int,
+        num_points: tuple[int, ...],
+        cross_attn_method: str = "default",
+        offset_scale: float = 0.5,
+    ) -> None:
         super().__init__()
         self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=0.0, batch_first=True)
         self.norm1 = nn.LayerNorm(d_model)
-        self.cross_attn = MSDeformableAttention(d_model, nhead, num_points)
+        self.cross_attn = MSDeformableAttention(d_model, nhead, num_points, cross_attn_method, offset_scale)
         self.norm2 = nn.LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
@@ -90,11 +100,10 @@ class TransformerDecoderLayer(nn.Module):
 
 
 class TransformerDecoder(nn.Module):
-    def __init__(self, hidden_dim: int, nhead: int, dim_feedforward: int, num_points: tuple[int, ...], num_layers: int):
+    def __init__(self, num_layers: int, **layer_options) -> None:
+        """`num_layers` TransformerDecoderLayers built from the same `layer_options`."""
         super().__init__()
-        self.layers = nn.ModuleList(
-            TransformerDecoderLayer(hidden_dim, nhead, dim_feedforward, num_points) for _ in range(num_layers)
-        )
+        self.layers = nn.ModuleList(TransformerDecoderLayer(**layer_options) for _ in range(num_layers))
 
     def forward(
         self,
@@ -135,8 +144,9 @@ class RTDETRDecoder(nn.Module):
     """Query selection + decoder. Output dict (normalised cx,cy,w,h boxes):
 
     eval: {pred_logits [B, Q, C], pred_boxes [B, Q, 4]}.
-    train: also aux_outputs (earlier decoder layers), enc_outputs (the top-K encoder proposals),
-    and, with denoising, dn_outputs (every layer's denoising predictions) and dn_groups.
+    train: also aux_outputs (earlier decoder layers), enc_outputs (the top-K encoder proposals; with
+    query_select_method 'agnostic' their logits have one class), and, with denoising, dn_outputs (every
+    layer's denoising predictions) and dn_groups.
     """
 
     def __init__(
@@ -153,9 +163,15 @@ class RTDETRDecoder(nn.Module):
         label_noise_ratio: float = 0.5,
         box_noise_scale: float = 1.0,
         eval_idx: int = -1,
+        cross_attn_method: str = "default",
+        offset_scale: float = 0.5,
+        query_select_method: str = "default",
     ) -> None:
         super().__init__()
+        if query_select_method not in QUERY_SELECT_METHODS:
+            raise ValueError(f"query_select_method must be one of {QUERY_SELECT_METHODS}, got {query_select_method!r}")
         self.num_classes = num_classes
+        self.query_select_method = query_select_method
         self.num_queries = num_queries
         self.num_denoising = num_denoising
         self.label_noise_ratio = label_noise_ratio
@@ -167,11 +183,14 @@ class RTDETRDecoder(nn.Module):
             )
             for c in in_channels
         )
-        self.decoder = TransformerDecoder(hidden_dim, nhead, dim_feedforward, num_points, num_layers)
+        self.decoder = TransformerDecoder(
+            num_layers, d_model=hidden_dim, nhead=nhead, dim_feedforward=dim_feedforward, num_points=num_points,
+            cross_attn_method=cross_attn_method, offset_scale=offset_scale,
+        )  # fmt: skip
         self.denoising_class_embed = nn.Embedding(num_classes + 1, hidden_dim, padding_idx=num_classes)
         self.query_pos_head = MLP(4, 2 * hidden_dim, hidden_dim, num_layers=2)
         self.enc_output = nn.Sequential(nn.Linear(hidden_dim, hidden_dim), nn.LayerNorm(hidden_dim))
-        self.enc_score_head = nn.Linear(hidden_dim, num_classes)
+        self.enc_score_head = nn.Linear(hidden_dim, 1 if query_select_method == "agnostic" else num_classes)
         self.enc_bbox_head = MLP(hidden_dim, hidden_dim, 4, num_layers=3)
         self.dec_score_head = nn.ModuleList(nn.Linear(hidden_dim, num_classes) for _ in range(num_layers))
         self.dec_bbox_head = nn.ModuleList(MLP(hidden_dim, hidden_dim, 4, num_layers=3) for _ in range(num_layers))
@@ -211,6 +230,8 @@ class RTDETRDecoder(nn.Module):
 
         Every token is scored; invalid (border) anchors are zeroed in memory but stay eligible, as in the
         official code. Queries are detached: gradients reach the encoder through the enc_* heads only.
+        The ranking (official v2 `_select_topk`): 'default' a token's best class score; 'one2many' the top-K
+        (token, class) pairs, so a token may be selected once per class; 'agnostic' a 1-class score head.
         """
         if memory.shape[1] < self.num_queries:  # an input too small for the model (torch.topk would fail)
             height, width = spatial_shapes[0]  # the stride-8 map
@@ -219,7 +240,7 @@ class RTDETRDecoder(nn.Module):
         memory = valid_mask.to(memory.dtype) * memory  # multiply, not where(): ONNX-friendly (official)
         output_memory = self.enc_output(memory)
         enc_logits = self.enc_score_head(output_memory)
-        topk_ind = torch.topk(enc_logits.max(-1).values, self.num_queries, dim=1).indices
+        topk_ind = self.rank_tokens(enc_logits)
         topk_memory = output_memory.gather(1, topk_ind[..., None].expand(-1, -1, output_memory.shape[-1]))
         # The box head is per token, so it runs on the K selected tokens only: the official code runs it on
         # every token and gathers afterwards (same values and gradients, 2.2 GFLOPs more for r18vd at 640 px).
@@ -227,6 +248,13 @@ class RTDETRDecoder(nn.Module):
         ref_unact = self.enc_bbox_head(topk_memory) + topk_anchors
         topk_logits = enc_logits.gather(1, topk_ind[..., None].expand(-1, -1, enc_logits.shape[-1]))
         return topk_memory.detach(), ref_unact, topk_logits, torch.sigmoid(ref_unact)
+
+    def rank_tokens(self, enc_logits: Tensor) -> Tensor:
+        """Indices [B, K] of the selected tokens, from their logits [B, S, C] (C = 1 when 'agnostic')."""
+        if self.query_select_method == "one2many":
+            pairs = torch.topk(enc_logits.flatten(1), self.num_queries, dim=1).indices
+            return torch.div(pairs, enc_logits.shape[-1], rounding_mode="floor")
+        return torch.topk(enc_logits.max(-1).values, self.num_queries, dim=1).indices
 
     def forward(self, feats: list[Tensor], targets: list[dict[str, Tensor]] | None = None) -> dict:
         maps = [p(f) for p, f in zip(self.input_proj, feats)]  # the memory per level: the decoder's values

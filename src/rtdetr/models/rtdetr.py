@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from ..config import ModelConfig
 from .backbone import PResNet
 from .decoder import RTDETRDecoder
+from .hgnetv2 import HGNetv2
 from .hybrid_encoder import CSPRepLayer, HybridEncoder, RepVggBlock
 from .layers import fold_conv_batch_norms
 
@@ -36,6 +37,9 @@ class RTDETRModel(nn.Module):
             label_noise_ratio=c.label_noise_ratio,
             box_noise_scale=c.box_noise_scale,
             eval_idx=c.eval_idx,
+            cross_attn_method=c.cross_attn_method,
+            offset_scale=c.offset_scale,
+            query_select_method=c.query_select_method,
         )
         self.encoder = HybridEncoder(
             in_channels=list(c.backbone_out_channels),
@@ -49,10 +53,11 @@ class RTDETRModel(nn.Module):
         )
 
     def describe(self) -> str:
-        """'R18 (256-d encoder, 3 decoder layers, 80 classes)'."""
+        """'R18 (256-d encoder, 3 decoder layers, 80 classes)'; 'v2 HGNetv2-L (...)' for RT-DETRv2 models."""
         c = self.config
-        return (f"R{c.depth} ({c.encoder_hidden_dim}-d encoder, {c.num_decoder_layers} decoder layers, "
-                f"{c.num_classes} classes)")  # fmt: skip
+        backbone = f"HGNetv2-{c.backbone[-1].upper()}" if c.backbone.startswith("hgnetv2") else f"R{c.depth}"
+        return (f"{'v2 ' if c.version == 2 else ''}{backbone} ({c.encoder_hidden_dim}-d encoder, "
+                f"{c.num_decoder_layers} decoder layers, {c.num_classes} classes)")  # fmt: skip
 
     def forward(self, images: Tensor, targets: list[dict[str, Tensor]] | None = None) -> dict:
         if images.shape[-2] % 32 or images.shape[-1] % 32:
@@ -80,4 +85,6 @@ def build_backbone(config: ModelConfig) -> nn.Module:
     c = config
     if c.backbone == "resnet_vd":
         return PResNet(c.depth, c.stem_channels, c.stage_channels, c.stage_blocks, c.freeze_at, c.freeze_norm)
-    raise ValueError(f"unknown backbone {c.backbone!r}; available: resnet_vd")
+    if c.backbone.startswith("hgnetv2_"):
+        return HGNetv2(c.backbone.removeprefix("hgnetv2_").upper(), c.use_lab, c.freeze_at, c.freeze_norm)
+    raise ValueError(f"unknown backbone {c.backbone!r}")

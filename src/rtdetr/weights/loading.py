@@ -63,7 +63,19 @@ def read_weights(path: str | Path) -> LoadedWeights:
     except ValueError as error:
         keys = ", ".join(list(checkpoint)[:8])
         raise ValueError(f"{path} is not an RT-DETR checkpoint ({error}); its top-level keys: {keys}") from None
-    return _with_coco_names(config, state_dict, "official", None, str(path))
+    return _with_coco_names(guess_cross_attn_method(config, path), state_dict, "official", None, str(path))
+
+
+def guess_cross_attn_method(config: ModelConfig, path: Path) -> ModelConfig:
+    """An official v2 discrete-sampling ("dsp") checkpoint holds exactly the tensors of its bilinear parent, so
+    the method cannot be read from the weights: a file name containing 'dsp' (the official release names, e.g.
+    `rtdetrv2_r18vd_dsp_3x_coco.pth`) selects 'discrete', and says so. Override it either way with
+    `RTDETR.from_checkpoint(path, cross_attn_method=...)`."""
+    if "dsp" in path.name.lower() and config.cross_attn_method == "default":
+        logger.warning("%s: 'dsp' in the file name, so loaded with discrete sampling (cross_attn_method='discrete'; "
+                       "pass cross_attn_method='default' to load it bilinear)", path)  # fmt: skip
+        return config.replace(cross_attn_method="discrete")
+    return config
 
 
 def _with_coco_names(
