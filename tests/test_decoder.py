@@ -134,6 +134,42 @@ def test_query_selection_is_topk_of_max_class_score():
     assert topk_boxes.requires_grad  # the encoder loss trains the enc heads through these
 
 
+def small_decoder(query_select_method: str, num_classes: int = 3) -> RTDETRDecoder:
+    torch.manual_seed(0)
+    dec = RTDETRDecoder(num_classes=num_classes, in_channels=[8] * 3, hidden_dim=8, num_queries=6, num_layers=1,
+                        nhead=2, dim_feedforward=8, num_points=(1, 1, 1), num_denoising=0,
+                        query_select_method=query_select_method)  # fmt: skip
+    with torch.no_grad():
+        for p in dec.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return dec
+
+
+def test_one2many_selection_takes_the_top_token_class_pairs():
+    """v2 'one2many': the K best (token, class) scores, so a token strong in two classes is taken twice
+    (hand check of the official `topk(logits.flatten(1)) // num_classes`)."""
+    dec = small_decoder("one2many")
+    logits = torch.full((1, 5, 3), -5.0)
+    logits[0, 2] = torch.tensor([4.0, 3.0, -5.0])  # token 2: the two best pairs
+    logits[0, 4, 1], logits[0, 0, 2], logits[0, 3, 0], logits[0, 1, 1] = 2.0, 1.0, 0.5, 0.0
+    assert dec.rank_tokens(logits).tolist() == [[2, 2, 4, 0, 3, 1]]
+    wider = torch.cat([logits, torch.full((1, 2, 3), -9.0)], dim=1)  # 7 tokens: 'default' takes each once
+    assert small_decoder("default").rank_tokens(wider).tolist() == [[2, 4, 0, 3, 1, 5]]
+
+
+def test_agnostic_selection_has_a_one_class_encoder_head():
+    dec = small_decoder("agnostic")
+    assert dec.enc_score_head.out_features == 1 and dec.dec_score_head[0].out_features == 3
+    shapes = [(4, 4), (2, 2), (1, 1)]
+    memory = torch.randn(2, 21, 8)
+    _, _, topk_logits, _ = dec.query_selection(memory, shapes)
+    scores = dec.enc_score_head(dec.enc_output(memory))[..., 0]
+    assert topk_logits.shape == (2, 6, 1)
+    torch.testing.assert_close(topk_logits[..., 0], scores.sort(dim=1, descending=True).values[:, :6])
+    with pytest.raises(ValueError, match="query_select_method"):
+        small_decoder("top2")
+
+
 # ---- the full tiny model ----------------------------------------------------------------------------------
 
 

@@ -182,6 +182,25 @@ def test_loss_is_float32_for_half_inputs():
         torch.testing.assert_close(losses[name], expected[name], rtol=0, atol=0)
 
 
+def test_class_agnostic_proposals_learn_every_object_as_class_zero():
+    """v2 query_select_method 'agnostic': the encoder's 1-logit proposals are matched and supervised as if
+    every object were class 0 (official `enc_meta['class_agnostic']`); the other sets keep their classes."""
+    ours, targets, _ = decoder_like_outputs([3, 2], num_layers=2, num_queries=10, num_classes=4, seed=6, denoising=False)
+    g = torch.Generator().manual_seed(7)
+    ours["enc_outputs"]["pred_logits"] = 2 * torch.randn(2, 10, 1, generator=g)
+    losses = RTDETRCriterion(num_classes=4)(ours, targets)
+    zeroed = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
+    enc = ours["enc_outputs"]
+    indices = HungarianMatcher()(enc, zeroed)
+    num_boxes = 5.0
+    expected_vfl = varifocal_loss(enc["pred_logits"], enc["pred_boxes"], zeroed, indices, num_boxes)
+    torch.testing.assert_close(losses["loss_vfl_enc_0"], expected_vfl * 1.0)
+    torch.testing.assert_close(losses["loss_bbox_enc_0"], box_losses(enc["pred_boxes"], zeroed, indices, num_boxes)["loss_bbox"] * 5.0)
+    # the class-aware sets are unchanged by the agnostic proposals
+    reference = RTDETRCriterion(num_classes=4)({k: v for k, v in ours.items() if k != "enc_outputs"}, targets)
+    assert all(torch.equal(losses[k], reference[k]) for k in reference if k != "loss")
+
+
 # ---------------------------------------------------------------------------------------------- empty targets
 
 

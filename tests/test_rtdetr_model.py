@@ -7,6 +7,7 @@ from torch import nn
 
 from rtdetr.config import preset
 from rtdetr.models.hybrid_encoder import RepVggBlock
+from rtdetr.models.layers import FrozenBatchNorm2d
 from rtdetr.models.rtdetr import RTDETRModel
 
 # At 128x128 the tiny model has 16*16 + 8*8 + 4*4 tokens; selecting all of them as queries removes the top-k
@@ -165,3 +166,24 @@ def test_an_input_too_small_for_the_queries_is_refused_with_the_smallest_size_th
     with pytest.raises(ValueError, match=r"84 encoder tokens, fewer than the 100 queries.*96x96"):
         model(torch.rand(1, 3, 64, 64))
     assert model(torch.rand(1, 3, 96, 96))["pred_logits"].shape == (1, 100, 80)
+
+
+def test_hgnetv2_deploy_folds_every_norm_and_keeps_outputs():
+    """RT-DETR-L in deploy mode: the depthwise convs keep their groups and the stem's padded 2x2 convs fold too."""
+    torch.manual_seed(0)
+    model = RTDETRModel(preset("rtdetrv2_hgnetv2_l", num_queries=ALL_TOKENS_128, num_decoder_layers=2))
+    randomize_batch_norms(model, 3)
+    model.eval()
+    x = images(128, 128, batch=1)
+    with torch.no_grad():
+        before = model(x)
+        before_maps = model.backbone(x)
+        model.deploy()
+        after = model(x)
+        after_maps = model.backbone(x)
+    norms = (nn.BatchNorm2d, FrozenBatchNorm2d)
+    assert not any(isinstance(m, norms) for m in model.modules())
+    assert model.backbone.stages[1].downsample.conv.groups == 128  # depthwise, still
+    for m0, m1 in zip(before_maps, after_maps):
+        assert (m0 - m1).abs().max().item() <= 1e-4 * m0.abs().max().item()
+    assert_same_queries(before, after, atol=1e-3)

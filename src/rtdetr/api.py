@@ -187,6 +187,7 @@ def load_detector(
     num_decoder_layers: int | None = None,
     device: str = "cpu",
     deploy: bool = True,
+    cross_attn_method: str | None = None,
 ) -> RTDETR | OnnxDetector:
     """A ready-to-predict detector (see `inference.detector.Detector`).
 
@@ -194,15 +195,16 @@ def load_detector(
     official `.pth`, a Hugging Face folder). Without weights, `preset_name` with random weights (a warning
     says so). num_decoder_layers: keep the first k decoder layers and use the k-th layer's head (PyTorch
     weights only). deploy: re-parameterise the PyTorch model for inference (same outputs up to float
-    rounding, faster).
+    rounding, faster). cross_attn_method: 'default' or 'discrete' sampling (v2; see `RTDETR.from_checkpoint`).
     """
     if weights is not None and Path(weights).suffix.lower() == ".onnx":
-        if num_decoder_layers:
-            raise ValueError(
-                f"{weights}: an ONNX graph's decoder depth is fixed at export; export it again with --decoder-layers"
-            )
+        for flag, value in (("--decoder-layers", num_decoder_layers), ("--cross-attn-method", cross_attn_method)):
+            if value:
+                raise ValueError(f"{weights}: an ONNX graph is fixed at export; export it again with {flag}")
         return OnnxDetector(weights, device)
-    overrides = {"num_decoder_layers": num_decoder_layers} if num_decoder_layers else {}
+    overrides: dict[str, Any] = {"num_decoder_layers": num_decoder_layers} if num_decoder_layers else {}
+    if cross_attn_method:
+        overrides["cross_attn_method"] = cross_attn_method
     if weights is not None:
         model = RTDETR.from_checkpoint(weights, **overrides)
     elif preset_name is not None:

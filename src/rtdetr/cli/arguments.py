@@ -48,6 +48,9 @@ def add_model_arguments(p: argparse.ArgumentParser, onnx: bool = False) -> None:
                    help="with RANDOM weights, when no --weights (default: %(default)s)")  # fmt: skip
     p.add_argument("--decoder-layers", type=int, metavar="K",
                    help="decoder layers used at inference (the speed knob, no retraining)")  # fmt: skip
+    p.add_argument("--cross-attn-method", choices=("default", "discrete"),
+                   help="RT-DETRv2 sampling: discrete for the dsp checkpoints (default: discrete when the file name "
+                   "contains 'dsp', else bilinear)")  # fmt: skip
 
 
 def add_settings(p: argparse.ArgumentParser, what: str) -> None:

@@ -12,7 +12,8 @@ from .arguments import add_image_size, add_model_arguments
 
 def pytorch_model(args: argparse.Namespace, device: str) -> RTDETR:
     """The PyTorch model of --weights / --preset in eval mode (not deployed: export and bench deploy copies)."""
-    model = load_detector(args.weights, args.preset, args.decoder_layers, device, deploy=False)
+    model = load_detector(args.weights, args.preset, args.decoder_layers, device, deploy=False,
+                          cross_attn_method=args.cross_attn_method)
     if not isinstance(model, RTDETR):
         raise ValueError(f"{args.weights}: `rtdetr {args.command}` needs PyTorch weights, not an .onnx file")
     return model

@@ -10,7 +10,8 @@ from .arguments import add_amp, add_device, add_image_size, add_model_arguments,
 
 
 def run(args: argparse.Namespace) -> int:
-    detector = load_detector(args.weights, args.preset, args.decoder_layers, resolve_device(args.device))
+    detector = load_detector(args.weights, args.preset, args.decoder_layers, resolve_device(args.device),
+                             cross_attn_method=args.cross_attn_method)
     options = PredictOptions(args.score_threshold, args.img_size, args.batch_size, args.max_detections, args.amp)
     summary = predict_sources(detector, args.source, args.output, options)
     print(f"{len(summary.images)} images, {len(summary.videos)} videos -> {args.output} "

@@ -45,6 +45,7 @@ OUTPUT_NAMES = ["labels", "boxes", "scores"]
 # float32 budget as the scores once boxes are expressed in normalised coordinates.
 SCORE_TOLERANCE = 1e-4
 BOX_TOLERANCE = 1e-4
+DISCRETE_TOLERANCE, MIN_TWIN_SHARE = 1e-3, 0.95  # discrete sampling: see `twin_share`
 
 
 class ExportCheckError(RuntimeError):
@@ -75,18 +76,45 @@ class OnnxCheck:
     max_box_diff_px: float
     score_tolerance: float
     box_tolerance_px: float
+    twin_share: float | None = None  # discrete sampling: the share of detections with a twin (`twin_share`)
 
     @property
     def passed(self) -> bool:
+        if self.twin_share is not None:
+            return self.twin_share >= MIN_TWIN_SHARE
         return self.max_score_diff <= self.score_tolerance and self.max_box_diff_px <= self.box_tolerance_px
 
     def __str__(self) -> str:
         verdict = "passed" if self.passed else "FAILED"
-        return (
+        text = (
             f"ONNX Runtime vs PyTorch on {self.image}: {verdict} ({self.compared} matched detections; "
             f"max |score diff| {self.max_score_diff:.2e} (tol {self.score_tolerance:.0e}), "
             f"max |box diff| {self.max_box_diff_px:.2e} px (tol {self.box_tolerance_px:.2e} px))"
         )
+        if self.twin_share is not None:
+            text += (f"; discrete sampling: {self.twin_share:.1%} of the detections within {DISCRETE_TOLERANCE:.0e} "
+                     f"(needs {MIN_TWIN_SHARE:.0%})")  # fmt: skip
+        return text
+
+
+def twin_share(expected: list[Tensor], got: list[Tensor], box_scale: float, tolerance: float) -> float:
+    """The share of the detections in `got` (labels [K], boxes [K, 4], scores [K]) that have a twin in `expected`:
+    the same label, and score and box (divided by box_scale) within `tolerance`.
+
+    Discrete (nearest-cell) sampling is discontinuous: a sampling location within float noise of a cell border
+    can land in the other cell in another runtime, which moves that query's outputs and, through self-attention,
+    the others' slightly. A discrete model's export is therefore judged by this share, not by the largest
+    difference (measured on random r18vd weights: 79-100% of an image's detections within 1e-4, >= 99% within
+    1e-3)."""
+    (labels_a, boxes_a, scores_a), (labels_b, boxes_b, scores_b) = (
+        [t.detach().double().cpu() for t in detections] for detections in (expected, got)
+    )
+    twin = (
+        (labels_b[:, None] == labels_a[None, :])
+        & ((scores_b[:, None] - scores_a[None, :]).abs() <= tolerance)
+        & ((boxes_b[:, None] - boxes_a[None, :]).abs().amax(-1) <= tolerance * box_scale)
+    )
+    return twin.any(1).double().mean().item()
 
 
 def deployed_copy(model: nn.Module) -> nn.Module:
@@ -182,7 +210,11 @@ def check_onnx(path: str | Path, model: RTDETRModel, image: str | Path | None = 
     compared, score_diff, box_diff = matched_max_diff(
         [t[0] for t in expected], [torch.from_numpy(a[0]) for a in got], box_scale=scale
     )
-    result = OnnxCheck(str(image), compared, score_diff, box_diff * scale, SCORE_TOLERANCE, BOX_TOLERANCE * scale)
+    share = None
+    if model.config.cross_attn_method == "discrete":
+        share = twin_share([t[0] for t in expected], [torch.from_numpy(a[0]) for a in got], scale, DISCRETE_TOLERANCE)
+    result = OnnxCheck(str(image), compared, score_diff, box_diff * scale, SCORE_TOLERANCE, BOX_TOLERANCE * scale,
+                       share)  # fmt: skip
     if not result.passed:
         raise ExportCheckError(f"{path}: {result}")
     return result

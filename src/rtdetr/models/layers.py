@@ -67,15 +67,20 @@ def freeze_batch_norms(module: nn.Module) -> nn.Module:
 
 
 def fold_conv_batch_norms(module: nn.Module) -> None:
-    """Fold each BatchNorm that directly follows a Conv2d (ConvNormLayer conv/norm, Sequential conv->norm)."""
+    """Fold each BatchNorm that directly follows a Conv2d (ConvNormLayer conv/norm, Sequential conv->norm, and
+    HGNetv2's padded conv: a Sequential(ZeroPad2d, Conv2d) followed by its norm)."""
     for child in module.children():
         convs = [(n, m) for n, m in child.named_children()]
         for (name_a, a), (name_b, b) in zip(convs, convs[1:]):
+            owner, name = child, name_a
+            if isinstance(a, nn.Sequential) and len(a) and isinstance(a[-1], nn.Conv2d):
+                owner, name, a = a, str(len(a) - 1), a[-1]
             if isinstance(a, nn.Conv2d) and isinstance(b, (nn.BatchNorm2d, FrozenBatchNorm2d)):
                 weight, bias = fold_batch_norm(a, b)
-                fused = nn.Conv2d(a.in_channels, a.out_channels, a.kernel_size, a.stride, a.padding, bias=True)
+                fused = nn.Conv2d(a.in_channels, a.out_channels, a.kernel_size, a.stride, a.padding,
+                                  groups=a.groups, bias=True)  # fmt: skip
                 fused.weight.copy_(weight)
                 fused.bias.copy_(bias)
-                setattr(child, name_a, fused.to(device=weight.device, dtype=weight.dtype))
+                setattr(owner, name, fused.to(device=weight.device, dtype=weight.dtype))
                 setattr(child, name_b, nn.Identity())
         fold_conv_batch_norms(child)
