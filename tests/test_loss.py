@@ -201,6 +201,44 @@ def test_class_agnostic_proposals_learn_every_object_as_class_zero():
     assert all(torch.equal(losses[k], reference[k]) for k in reference if k != "loss")
 
 
+def test_v2_share_matched_indices_reuses_the_last_layers_matching():
+    ours, targets, _ = decoder_like_outputs([3, 2], num_layers=3, num_queries=10, num_classes=4, seed=8, denoising=True)
+    own = RTDETRCriterion(num_classes=4).match(ours, targets)
+    shared = RTDETRCriterion(num_classes=4, share_matched_indices=True).match(ours, targets)
+    assert any(not torch.equal(a[0], b[0]) for a, b in zip(own["_aux_0"], own[""]))  # the case is not trivial
+    for suffix in ("_aux_0", "_aux_1"):
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(shared[suffix], shared[""]))
+    for suffix in ("", "_enc_0", "_dn_0"):  # the other sets keep their own matching
+        assert all(torch.equal(a[0], b[0]) for a, b in zip(shared[suffix], own[suffix]))
+
+
+@pytest.mark.parametrize("kind", ["iou", "giou"])
+def test_v2_boxes_weight_format_weights_by_match_quality(kind):
+    """Official v2 `boxes_weight_format`: each matched pair's (G)IoU (detached) is its varifocal target and
+    the weight of its GIoU term; L1 is unchanged. Checked term by term against the ops, written out here."""
+    from rtdetr.ops.boxes import box_cxcywh_to_xyxy, paired_box_iou, paired_generalized_box_iou
+
+    ours, targets, _ = decoder_like_outputs([3, 2], num_layers=1, num_queries=10, num_classes=4, seed=9, denoising=False)
+    plain = RTDETRCriterion(num_classes=4)(ours, targets)
+    weighted = RTDETRCriterion(num_classes=4, boxes_weight_format=kind)(ours, targets)
+    indices = HungarianMatcher()(ours, targets)
+    pred = torch.cat([ours["pred_boxes"][i, src] for i, (src, _) in enumerate(indices)])
+    gt = torch.cat([t["boxes"][tgt] for t, (_, tgt) in zip(targets, indices)])
+    a, b = box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(gt)
+    quality = paired_box_iou(a, b) if kind == "iou" else paired_generalized_box_iou(a, b)
+    giou = paired_generalized_box_iou(a, b)
+    torch.testing.assert_close(weighted["loss_giou"], 2.0 * ((1 - giou) * quality).sum() / 5)
+    torch.testing.assert_close(weighted["loss_bbox"], plain["loss_bbox"])
+    expected_vfl = varifocal_loss(ours["pred_logits"], ours["pred_boxes"], targets, indices, 5.0, quality=quality)
+    torch.testing.assert_close(weighted["loss_vfl"], expected_vfl)
+    if kind == "iou":  # the default varifocal target is that same IoU
+        torch.testing.assert_close(weighted["loss_vfl"], plain["loss_vfl"])
+    else:
+        assert (weighted["loss_vfl"] - plain["loss_vfl"]).abs() > 1e-4
+    with pytest.raises(ValueError, match="boxes_weight_format"):
+        RTDETRCriterion(num_classes=4, boxes_weight_format="l1")
+
+
 # ---------------------------------------------------------------------------------------------- empty targets
 
 

@@ -184,6 +184,8 @@ class TrainConfig:
     ema_decay: float = 0.9999
     ema_warmups: int = 2000  # EMA decay = ema_decay * (1 - exp(-updates / ema_warmups))
     clip_max_norm: float = 0.1  # gradient norm clip (0: off)
+    boxes_weight_format: str = "none"  # v2 criterion: 'iou' | 'giou' weights the box terms by match quality
+    share_matched_indices: bool = False  # v2 criterion: the aux layers reuse the last layer's matching
     amp: str = "off"  # 'off' | 'bf16' (CPU or CUDA) | 'fp16' (CUDA, with a GradScaler)
     stop_epoch: int = -1  # strong augmentation and multi-scale off from this epoch; negative: from the end
     multiscale_sizes: tuple[int, ...] = ()  # square batch sizes drawn per step; () keeps the image size
@@ -220,6 +222,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.multiscale_sizes must be multiples of 32, got {self.multiscale_sizes}")
         if self.recipe not in self.RECIPES:
             raise ValueError(f"TrainConfig.recipe must be one of {self.RECIPES}, got {self.recipe!r}")
+        if self.boxes_weight_format not in ("none", "iou", "giou"):
+            raise ValueError(f"TrainConfig.boxes_weight_format must be none, iou or giou; got {self.boxes_weight_format!r}")
         if self.lr_schedule not in self.LR_SCHEDULES:
             raise ValueError(f"TrainConfig.lr_schedule must be one of {self.LR_SCHEDULES}, got {self.lr_schedule!r}")
         if not (0.0 <= self.flat_fraction <= 1.0 and 0.0 <= self.min_lr_ratio <= 1.0):

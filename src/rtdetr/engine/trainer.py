@@ -74,7 +74,8 @@ class Trainer:
         self.train_set, self.val_set = train_set, val_set
         self.output = Path(config.output)
         self.model = model.to(process.device)
-        self.criterion = RTDETRCriterion(model.config.num_classes)
+        self.criterion = RTDETRCriterion(model.config.num_classes, boxes_weight_format=config.boxes_weight_format,
+                                         share_matched_indices=config.share_matched_indices)
         self.class_names, self.category_ids = train_set.class_names, train_set.category_ids
         self.ema = ModelEMA(self.model, config.ema_decay, config.ema_warmups)
         # Without denoising, denoising_class_embed gets no gradient: DDP must be told.

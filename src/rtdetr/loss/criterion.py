@@ -9,6 +9,9 @@ Term names, each already multiplied by its weight:
   loss                           the plain sum of all of the above
 The official v1 code (and Hugging Face) name the encoder terms `loss_*_aux_{L-1}` (appended last to the
 aux list); official v2 names them `_enc_0` as here. Values are identical either way.
+RT-DETRv2's `RTDETRCriterionv2` options (its configs leave them off): `boxes_weight_format` 'iou' | 'giou' makes
+each matched pair's (G)IoU the varifocal target and the weight of its GIoU term; `share_matched_indices` reuses
+the last layer's matching for the auxiliary layers.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from ..ops.boxes import box_cxcywh_to_xyxy, paired_box_iou, paired_generalized_b
 from .matcher import HungarianMatcher, MatchIndices
 
 OFFICIAL_WEIGHTS = {"loss_vfl": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}
+BOXES_WEIGHT_FORMATS = ("none", "iou", "giou")  # official v2 `boxes_weight_format` (None, 'iou', 'giou')
 
 
 class DenoisingMatch(Protocol):
@@ -55,23 +59,26 @@ def varifocal_loss(
     num_boxes: float,
     alpha: float = 0.75,
     gamma: float = 2.0,
+    quality: Tensor | None = None,
 ) -> Tensor:
     """IoU-aware varifocal loss (RT-DETR paper Sec. 4.3; VarifocalNet, Zhang et al. 2021).
 
     logits [B, Q, C], boxes [B, Q, 4] normalised cx,cy,w,h. A matched query's target for its gt class is
     the (detached) IoU of its box with the gt; every other entry has target 0. Positives are weighted by
     that IoU, negatives by alpha * p^gamma. Summed and divided by num_boxes (official
-    `.mean(1).sum() * Q / num_boxes`, kept in that form for bitwise parity).
+    `.mean(1).sum() * Q / num_boxes`, kept in that form for bitwise parity). `quality` [K] replaces the IoU
+    targets (official v2 `values`, from `boxes_weight_format`).
     """
     batch_idx, query_idx = flat_prediction_index(indices)
     gt_labels, gt_boxes = matched_targets(targets, indices)
-    pred_boxes = boxes[batch_idx, query_idx].detach()
-    iou = paired_box_iou(box_cxcywh_to_xyxy(pred_boxes), box_cxcywh_to_xyxy(gt_boxes))
+    if quality is None:
+        pred_boxes = boxes[batch_idx, query_idx].detach()
+        quality = paired_box_iou(box_cxcywh_to_xyxy(pred_boxes), box_cxcywh_to_xyxy(gt_boxes))
 
     target = torch.zeros_like(logits)
     target[batch_idx, query_idx, gt_labels] = 1.0
     target_score = torch.zeros_like(logits)
-    target_score[batch_idx, query_idx, gt_labels] = iou
+    target_score[batch_idx, query_idx, gt_labels] = quality
     weight = alpha * logits.detach().sigmoid().pow(gamma) * (1 - target) + target_score
 
     loss = F.binary_cross_entropy_with_logits(logits, target_score, weight=weight, reduction="none")
@@ -79,17 +86,33 @@ def varifocal_loss(
 
 
 def box_losses(
-    boxes: Tensor, targets: list[dict[str, Tensor]], indices: list[MatchIndices], num_boxes: float
+    boxes: Tensor,
+    targets: list[dict[str, Tensor]],
+    indices: list[MatchIndices],
+    num_boxes: float,
+    giou_weight: Tensor | None = None,
 ) -> dict[str, Tensor]:
-    """L1 on cx,cy,w,h and 1 - GIoU of the matched boxes (boxes [B, Q, 4]), each summed / num_boxes."""
+    """L1 on cx,cy,w,h and 1 - GIoU of the matched boxes (boxes [B, Q, 4]), each summed / num_boxes; each
+    pair's GIoU term times `giou_weight` [K] if given (official v2 `boxes_weight`)."""
     batch_idx, query_idx = flat_prediction_index(indices)
     _, gt_boxes = matched_targets(targets, indices)
     pred_boxes = boxes[batch_idx, query_idx]
     giou = paired_generalized_box_iou(box_cxcywh_to_xyxy(pred_boxes), box_cxcywh_to_xyxy(gt_boxes))
     return {
         "loss_bbox": F.l1_loss(pred_boxes, gt_boxes, reduction="none").sum() / num_boxes,
-        "loss_giou": (1 - giou).sum() / num_boxes,
+        "loss_giou": ((1 - giou) if giou_weight is None else (1 - giou) * giou_weight).sum() / num_boxes,
     }
+
+
+def match_quality(
+    boxes: Tensor, targets: list[dict[str, Tensor]], indices: list[MatchIndices], kind: str
+) -> Tensor:
+    """IoU or GIoU ('iou' | 'giou') [K] of each matched (detached) prediction with its target: official v2
+    `get_loss_meta_info` for `boxes_weight_format`."""
+    batch_idx, query_idx = flat_prediction_index(indices)
+    _, gt_boxes = matched_targets(targets, indices)
+    pred, gt = box_cxcywh_to_xyxy(boxes[batch_idx, query_idx].detach()), box_cxcywh_to_xyxy(gt_boxes)
+    return paired_box_iou(pred, gt) if kind == "iou" else paired_generalized_box_iou(pred, gt)
 
 
 def denoising_indices(groups: DenoisingMatch, targets: list[dict[str, Tensor]]) -> list[MatchIndices]:
@@ -132,8 +155,14 @@ class RTDETRCriterion(nn.Module):
         weight_dict: dict[str, float] | None = None,
         alpha: float = 0.75,
         gamma: float = 2.0,
+        boxes_weight_format: str = "none",
+        share_matched_indices: bool = False,
     ) -> None:
         super().__init__()
+        if boxes_weight_format not in BOXES_WEIGHT_FORMATS:
+            raise ValueError(f"boxes_weight_format must be one of {BOXES_WEIGHT_FORMATS}, got {boxes_weight_format!r}")
+        self.boxes_weight_format = boxes_weight_format
+        self.share_matched_indices = share_matched_indices
         weight_dict = dict(OFFICIAL_WEIGHTS if weight_dict is None else weight_dict)
         if set(weight_dict) != set(OFFICIAL_WEIGHTS):
             raise ValueError(f"weight_dict keys must be {sorted(OFFICIAL_WEIGHTS)}, got {sorted(weight_dict)}")
@@ -159,6 +188,8 @@ class RTDETRCriterion(nn.Module):
         for suffix, preds in self.prediction_sets(outputs).items():
             if suffix.startswith("_dn_"):
                 indices[suffix] = denoising_indices(outputs["dn_groups"], targets)
+            elif suffix.startswith("_aux_") and self.share_matched_indices:
+                indices[suffix] = indices[""]  # official v2 option: the last layer's matching for every layer
             else:
                 indices[suffix] = self.matcher(preds, self.set_targets(preds, targets))
         return indices
@@ -194,6 +225,9 @@ class RTDETRCriterion(nn.Module):
         """Weighted loss_vfl, loss_bbox, loss_giou of one prediction set (pred_logits, pred_boxes) in float32."""
         logits, boxes = preds["pred_logits"].float(), preds["pred_boxes"].float()
         indices = [(pred.to(logits.device), tgt.to(logits.device)) for pred, tgt in indices]
-        terms = {"loss_vfl": varifocal_loss(logits, boxes, targets, indices, num_boxes, self.alpha, self.gamma)}
-        terms.update(box_losses(boxes, targets, indices, num_boxes))
+        quality = None
+        if self.boxes_weight_format != "none":
+            quality = match_quality(boxes, targets, indices, self.boxes_weight_format)
+        terms = {"loss_vfl": varifocal_loss(logits, boxes, targets, indices, num_boxes, self.alpha, self.gamma, quality)}
+        terms.update(box_losses(boxes, targets, indices, num_boxes, quality))
         return {name: value * self.weight_dict[name] for name, value in terms.items()}
