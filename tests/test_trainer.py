@@ -43,9 +43,9 @@ def shapes(tmp_path_factory):
 # ---- optimizer, warmup, EMA -----------------------------------------------------------------------------
 
 
-def group_counts(preset: str) -> dict[tuple[float, float], int]:
+def group_counts(preset: str, **settings) -> dict[tuple[float, float], int]:
     model = RTDETR.from_preset(preset)
-    optimizer = build_optimizer(model, model.config, TrainConfig.for_model(model.config))
+    optimizer = build_optimizer(model, model.config, TrainConfig.for_model(model.config, **settings))
     counts: dict[tuple[float, float], int] = {}
     for group in optimizer.param_groups:
         key = (group["lr"], group["weight_decay"])
@@ -61,6 +61,23 @@ def test_param_groups_match_the_official_r18vd_config():
 def test_param_groups_match_the_official_r50vd_config():
     # backbone 52; encoder wd-0 83 and decoder wd-0 122 (two official groups with equal settings); rest 130
     assert group_counts("rtdetr_r50vd") == {(1e-5, 1e-4): 52, (1e-4, 0.0): 83 + 122, (1e-4, 1e-4): 130}
+
+
+# (lr, weight decay): parameters per group, counted with the official v2 code's `cfg.optimizer` (2026-12-04)
+V2_GROUP_COUNTS = {
+    "rtdetrv2_r18vd": ("v2_r18vd", 1e-4, {(1e-4, 0.0): 162, (1e-4, 1e-4): 164}),
+    "rtdetrv2_r34vd": ("v2_r34vd", 5e-5, {(5e-5, 1e-4): 39, (5e-5, 0.0): 78, (1e-4, 0.0): 181, (1e-4, 1e-4): 106}),
+    "rtdetrv2_r50vd_m": ("v2_r50vd", 1e-5, {(1e-5, 1e-4): 52, (1e-4, 0.0): 134, (1e-4, 1e-4): 213}),
+    "rtdetrv2_hgnetv2_l": ("v2_r101vd", 5e-6, {(5e-6, 1e-4): 75, (1e-4, 0.0): 126, (1e-4, 1e-4): 209}),
+}
+
+
+@pytest.mark.parametrize("preset", V2_GROUP_COUNTS)
+def test_param_groups_match_the_official_v2_configs(preset):
+    """The v2 patterns are written for the v2 code's names (`encoder.input_proj.0.norm.weight`): matched against
+    ours (`.1.weight`) 8 norm tensors would keep their weight decay."""
+    groups, backbone_lr, expected = V2_GROUP_COUNTS[preset]
+    assert group_counts(preset, param_groups=groups, backbone_lr=backbone_lr) == expected
 
 
 def test_r101vd_backbone_lr_is_the_official_1e_6():

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig, TrainConfig
+from ..weights.official import official_v2_name
 
 
 @dataclass(frozen=True)
@@ -86,30 +87,32 @@ def official_groups(variant: str, version: int) -> str:
     return f"v2_{name}" if version == 2 else name
 
 
-def group_rules(name: str, model_config: ModelConfig) -> tuple[GroupRule, ...]:
-    """The official rules `name` ('auto': the v1 rules of the model's ResNet depth, which give the backbone
-    its own lr; for HGNetv2 the v2 rules)."""
+def groups_name(name: str, model_config: ModelConfig) -> str:
+    """The OFFICIAL_GROUPS entry `param_groups=name` selects ('auto': the v1 rules of the model's ResNet depth,
+    which give the backbone its own lr; for HGNetv2 the v2 rules)."""
     if name == "auto":
         hgnetv2 = model_config.backbone.startswith("hgnetv2")
         name = official_groups(model_config.backbone if hgnetv2 else _BY_DEPTH[model_config.depth], 1)
-    key = name
-    if key not in OFFICIAL_GROUPS:
+    if name not in OFFICIAL_GROUPS:
         raise ValueError(f"unknown param_groups '{name}'; choose 'auto' or one of {', '.join(OFFICIAL_GROUPS)}")
-    return OFFICIAL_GROUPS[key]
+    return name
 
 
 def param_groups(
-    model: nn.Module, rules: tuple[GroupRule, ...], lr: float, backbone_lr: float, weight_decay: float
-) -> list[dict]:
+    model: nn.Module, rules: tuple[GroupRule, ...], lr: float, backbone_lr: float, weight_decay: float,
+    v2_names: bool = False,
+) -> list[dict]:  # fmt: skip
     """AdamW groups [{name, params, lr, weight_decay}] over the trainable parameters, rule order, then the
     default group; empty groups are left out. A parameter matched by two rules raises (the official code
-    would hand it to AdamW twice)."""
+    would hand it to AdamW twice). `v2_names`: the rules are the v2 configs', written for the v2 code's
+    parameter names (`encoder.input_proj.0.norm.weight` where ours say `.1.`): match those."""
     chosen: dict[str, list[tuple[str, nn.Parameter]]] = {rule.name: [] for rule in rules}
     default: list[tuple[str, nn.Parameter]] = []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        matches = [rule.name for rule in rules if re.findall(rule.pattern, name)]
+        seen = official_v2_name(name) if v2_names else name
+        matches = [rule.name for rule in rules if re.findall(rule.pattern, seen)]
         if len(matches) > 1:
             raise ValueError(f"parameter {name} matches several param groups: {matches}")
         (chosen[matches[0]] if matches else default).append((name, param))
@@ -128,8 +131,9 @@ def param_groups(
 
 def build_optimizer(model: nn.Module, model_config: ModelConfig, config: TrainConfig) -> torch.optim.AdamW:
     """AdamW over the official parameter groups of `config.param_groups`."""
-    rules = group_rules(config.param_groups, model_config)
-    groups = param_groups(model, rules, config.lr, config.backbone_lr, config.weight_decay)
+    name = groups_name(config.param_groups, model_config)
+    groups = param_groups(model, OFFICIAL_GROUPS[name], config.lr, config.backbone_lr, config.weight_decay,
+                          v2_names=name.startswith("v2_"))  # fmt: skip
     # The fused kernel (CPU and CUDA): one call per tensor instead of ~10 (demo model on 2 cores: 2 ms per
     # step instead of 15).
     fused = all(p.device.type in ("cpu", "cuda") for group in groups for p in group["params"])

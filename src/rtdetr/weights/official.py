@@ -15,13 +15,23 @@ from torch import Tensor
 from ..config import PRESETS, ModelConfig, preset
 from ..models.backbone import BLOCKS_PER_DEPTH
 
-# v2 name -> v1 name (regex, replacement)
-_V2_RENAMES = (
-    (re.compile(r"^(encoder\.input_proj\.\d+)\.conv\."), r"\1.0."),
-    (re.compile(r"^(encoder\.input_proj\.\d+)\.norm\."), r"\1.1."),
-    (re.compile(r"^(decoder\.enc_output)\.proj\."), r"\1.0."),
-    (re.compile(r"^(decoder\.enc_output)\.norm\."), r"\1.1."),
+# Modules the v2 code names differently: (module, child in v1 = ours, child in v2)
+_V2_CHILD_NAMES = (
+    (r"encoder\.input_proj\.\d+", "0", "conv"),
+    (r"encoder\.input_proj\.\d+", "1", "norm"),
+    (r"decoder\.enc_output", "0", "proj"),
+    (r"decoder\.enc_output", "1", "norm"),
 )
+_V2_RENAMES = tuple((re.compile(rf"^({module})\.{v2}\."), rf"\1.{v1}.") for module, v1, v2 in _V2_CHILD_NAMES)
+_V1_RENAMES = tuple((re.compile(rf"^({module})\.{v1}\."), rf"\1.{v2}.") for module, v1, v2 in _V2_CHILD_NAMES)
+
+
+def official_v2_name(name: str) -> str:
+    """The official v2 name of one of our (= v1) parameter names: `encoder.input_proj.0.1.weight` ->
+    `encoder.input_proj.0.norm.weight` (what the v2 configs' parameter-group regexes see)."""
+    for pattern, replacement in _V1_RENAMES:
+        name = pattern.sub(replacement, name)
+    return name
 # Derived buffers the v2 code persists: recomputed here from the input size and `num_points`.
 _DERIVED = re.compile(r"^decoder\.(anchors|valid_mask|decoder\.layers\.\d+\.cross_attn\.num_points_scale)$")
 # RepVGG blocks re-parameterised by the official `deploy()`: conv1/conv2 remain and are what we load.
