@@ -1,10 +1,16 @@
-"""Hugging Face `RTDetrForObjectDetection` tensor names <-> our (official v1) names.
+"""Hugging Face `RTDetrForObjectDetection` and `RTDetrV2ForObjectDetection` tensor names <-> our (official v1)
+names.
 
 HF splits every self-attention `in_proj` into q/k/v projections and renames most modules (see `_RULES`).
 Two HF naming generations exist: the in-memory names of transformers 5.x (`self_attn.o_proj`, `mlp.fc1`,
 `encoder.aifi.N`) and the checkpoint names of transformers 4.x (`out_proj`, `fc1`, `encoder.encoder.N`), which
 transformers 5.x still writes in `save_pretrained` and renames on load. Both are read; folders are written
 with the checkpoint names (`checkpoint_names`), so transformers 4.x and 5.x both load them.
+
+RTDetrV2 has the same names (transformers maps "rt_detr_v2" to the "rt_detr" renames) plus one persistent
+buffer per decoder layer, `model.decoder.layers.N.encoder_attn.n_points_scale` (1 / n_points for each point),
+which our model recomputes (`num_points_scale`, not persistent): `hf_to_official` drops it, `points_scale_tensors`
+makes it for writing, and `points_scale_buffers` lists it for checking.
 """
 
 from __future__ import annotations
@@ -84,6 +90,7 @@ _HF5_TO_CHECKPOINT = [
     (re.compile(r"\.layers\.(\d+)\.mlp\.fc([12])\."), r".layers.\1.fc\2."),
     (re.compile(r"^model\.encoder\.aifi\.(\d+)\.layers\."), r"model.encoder.encoder.\1.layers."),
 ]
+_POINTS_SCALE = re.compile(r"model\.decoder\.layers\.(?P<layer>\d+)\.encoder_attn\.n_points_scale")
 _QKV = re.compile(r"(?P<attn>.+\.self_attn)\.(?P<part>[qkv])_proj\.(?P<leaf>weight|bias)")
 _IN_PROJ = re.compile(r"(?P<attn>.+\.self_attn)\.in_proj_(?P<leaf>weight|bias)")
 
@@ -114,7 +121,7 @@ def _rename(state_dict: dict[str, Tensor], rules: list[tuple[re.Pattern[str], st
         else:
             unknown.append(key)
     if unknown:
-        raise ValueError(f"{len(unknown)} tensors are not {what} tensors of RT-DETR v1: {_preview(unknown)}")
+        raise ValueError(f"{len(unknown)} tensors are not {what} tensors of RT-DETR: {_preview(unknown)}")
     return out
 
 
@@ -167,17 +174,32 @@ def _split_qkv(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+def points_scale_buffers(state_dict: dict[str, Tensor]) -> dict[int, Tensor]:
+    """RTDetrV2's `n_points_scale` buffers of an HF state dict, by decoder layer (none in v1)."""
+    return {int(m["layer"]): v for k, v in state_dict.items() if (m := _POINTS_SCALE.fullmatch(k))}
+
+
+def points_scale_tensors(num_points: int, num_layers: int, num_levels: int = 3) -> dict[str, Tensor]:
+    """The `n_points_scale` buffers RTDetrV2 saves (and reports missing without): 1 / n for each point."""
+    scale = torch.tensor([1 / num_points] * (num_points * num_levels), dtype=torch.float32)
+    return {f"model.decoder.layers.{i}.encoder_attn.n_points_scale": scale.clone() for i in range(num_layers)}
+
+
 def hf_to_official(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """A Hugging Face `RTDetrForObjectDetection` state dict (transformers 5.x names or 4.x checkpoint names)
-    -> official v1 names, q/k/v joined into `in_proj_*`.
+    """A Hugging Face `RTDetrForObjectDetection` / `RTDetrV2ForObjectDetection` state dict (transformers 5.x
+    names or 4.x checkpoint names) -> official v1 names, q/k/v joined into `in_proj_*`.
 
     HF's frozen backbone norms store no `num_batches_tracked`; `weights.loading.fit_state_dict` adds them.
+    RTDetrV2's `n_points_scale` buffers are dropped: derived from the number of points (see
+    `points_scale_buffers` to check them).
     """
+    state_dict = {k: v for k, v in state_dict.items() if not _POINTS_SCALE.fullmatch(k)}
     return _rename(_join_qkv(_hf5_names(state_dict)), _TO_OFFICIAL, "Hugging Face")
 
 
 def official_to_hf(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Official v1 names -> the transformers 5.x `RTDetrForObjectDetection` state dict names (in_proj split)."""
+    """Official v1 names -> the transformers 5.x `RTDetrForObjectDetection` state dict names (in_proj split);
+    for RTDetrV2 add `points_scale_tensors`."""
     return _split_qkv(_rename(state_dict, _TO_HF, "official"))
 
 

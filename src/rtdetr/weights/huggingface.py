@@ -1,10 +1,17 @@
-"""Hugging Face `RTDetrForObjectDetection` folders: `config.json` <-> `ModelConfig`, reading and writing the
-folder. The tensor names are translated by `hf_names`; transformers itself is never imported.
+"""Hugging Face `RTDetrForObjectDetection` (v1) and `RTDetrV2ForObjectDetection` (v2) folders: `config.json`
+<-> `ModelConfig`, reading and writing the folder. The tensor names are translated by `hf_names`; transformers
+itself is never imported.
 
-Equivalence (measured in tests/test_huggingface.py): HF equals the official model on eval outputs when
-`eval_size` is None; it has no `eval_idx` (always the last decoder layer), builds exactly 3 RepVGG blocks per CSP
-layer and one number of sampling points for all levels. Settings outside that raise ValueError naming the file
-and field.
+Equivalence (measured in tests/test_huggingface.py and tests/test_huggingface_v2.py): HF equals the official
+model on eval outputs when `eval_size` is None; it has no `eval_idx` (always the last decoder layer), builds
+exactly 3 RepVGG blocks per CSP layer, one number of sampling points for all levels and only the default query
+selection (top-K of each token's best class score). Settings outside that raise ValueError naming the file and
+field.
+
+v2 (`model_type` "rt_detr_v2") is v1 with a v2 cross-attention: `decoder_method` ('default' bilinear |
+'discrete' nearest cell) -> `cross_attn_method`, `decoder_offset_scale` -> `offset_scale`, and a persistent
+`n_points_scale` buffer per decoder layer (derived from `decoder_n_points`: checked on reading, written for HF).
+A folder is written as v2 when `config.version == 2` or a v2-only option is set; v1 configs give the v1 folder.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from torch import Tensor, nn
 from ..config import ModelConfig
 from ..models.backbone import BLOCKS_PER_DEPTH
 from .checkpoint import torch_load
-from .hf_names import checkpoint_names, hf_to_official, official_to_hf
+from .hf_names import checkpoint_names, hf_to_official, official_to_hf, points_scale_buffers, points_scale_tensors
 
 def fit_to_model(state_dict: dict[str, Tensor], config: ModelConfig, source: str = "state dict") -> dict[str, Tensor]:
     """An official-named state dict converted from HF, completed to what `RTDETRModel(config)` keeps.
@@ -96,9 +103,18 @@ _RESNET_DEFAULTS: dict[str, Any] = {
     "out_indices": [2, 3, 4],
     "out_features": ["stage2", "stage3", "stage4"],
 }
+# RTDetrV2Config's extra fields (its other defaults equal RTDetrConfig's); read only for v2 (v1 ignores them).
+_HF_V2_DEFAULTS: dict[str, Any] = {
+    **_HF_DEFAULTS,
+    "model_type": "rt_detr_v2",
+    "decoder_n_levels": 3,
+    "decoder_offset_scale": 0.5,
+    "decoder_method": "default",
+}
+_VERSIONS = {"rt_detr": (1, "RTDetr"), "rt_detr_v2": (2, "RTDetrV2")}  # model_type -> (version, class prefix)
 # Fields that must keep these values for the HF model to be the official architecture.
 _REQUIRED = (
-    "model_type", "backbone", "use_timm_backbone", "feat_strides", "encode_proj_layers", "encoder_activation_function",
+    "backbone", "use_timm_backbone", "feat_strides", "encode_proj_layers", "encoder_activation_function",
     "activation_function", "normalize_before", "num_feature_levels", "decoder_activation_function",
     "learn_initial_query", "with_box_refine", "layer_norm_eps", "batch_norm_eps",
 )  # fmt: skip
@@ -117,7 +133,7 @@ def _require(config: dict[str, Any], defaults: dict[str, Any], names: tuple[str,
     for name in names:
         value = _field(config, defaults, name)
         if value != defaults[name]:
-            raise ValueError(f"{where}: {name}={value!r} is not supported (RT-DETR v1 needs {defaults[name]!r})")
+            raise ValueError(f"{where}: {name}={value!r} is not supported (RT-DETR needs {defaults[name]!r})")
 
 
 def _check_shortcuts(stem: int, widths: list[int], bottleneck: bool, where: str) -> None:
@@ -173,14 +189,50 @@ def _num_labels(config: dict[str, Any]) -> int:
     return len(id2label) if id2label else int(config.get("num_labels", _HF_DEFAULTS["num_labels"]))
 
 
+def _version(config: dict[str, Any], source: str) -> int:
+    """1 for `model_type` "rt_detr", 2 for "rt_detr_v2"; `architectures`, when given, must name the same
+    generation (an RTDetrForObjectDetection config with model_type rt_detr_v2 is contradictory)."""
+    model_type = config.get("model_type", _HF_DEFAULTS["model_type"])
+    if model_type not in _VERSIONS:
+        raise ValueError(f"{source}: model_type={model_type!r} is not supported (rt_detr or rt_detr_v2)")
+    version, prefix = _VERSIONS[model_type]
+    architectures = config.get("architectures") or []
+    if any(name.removeprefix(prefix) not in ("ForObjectDetection", "Model") for name in architectures):
+        raise ValueError(
+            f"{source}: model_type={model_type!r} does not match architectures={architectures} "
+            f"(expected {prefix}ForObjectDetection)"
+        )
+    return version
+
+
+def _decoder_fields(config: dict[str, Any], version: int, source: str) -> dict[str, Any]:
+    """version, num_points, cross_attn_method and offset_scale (v1 HF ignores the v2 fields: defaults)."""
+    defaults = _HF_V2_DEFAULTS if version == 2 else _HF_DEFAULTS
+    points = _field(config, defaults, "decoder_n_points")
+    if not isinstance(points, int) or isinstance(points, bool) or points < 1:
+        raise ValueError(f"{source}: decoder_n_points={points!r} must be one positive int (the same for all levels)")
+    fields = dict(version=version, num_points=(points,) * 3)
+    if version == 1:
+        return fields
+    _require(config, defaults, ("decoder_n_levels",), source)
+    method = _field(config, defaults, "decoder_method")
+    scale = _field(config, defaults, "decoder_offset_scale")
+    if method not in ("default", "discrete"):
+        raise ValueError(f"{source}: decoder_method={method!r} is not supported ('default' or 'discrete')")
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        raise ValueError(f"{source}: decoder_offset_scale={scale!r} must be a number")
+    return dict(fields, cross_attn_method=method, offset_scale=float(scale))
+
+
 def model_config_from_hf(config: dict[str, Any], source: str = "config.json") -> ModelConfig:
-    """The ModelConfig of a parsed HF RT-DETR `config.json`; unsupported settings raise ValueError naming
-    `source` and the field.
+    """The ModelConfig of a parsed HF RT-DETR (v1) or RT-DETRv2 `config.json`; unsupported settings raise
+    ValueError naming `source` and the field.
 
     HF has no eval_idx (eval_idx -1). Freezing follows the official presets by depth (r50/r101: stem and
     norms frozen), not HF's `freeze_backbone_batch_norms`. `eval_size`, which in HF drops the position
     embedding at eval, only sets `image_size`: the weights were trained with it.
     """
+    version = _version(config, source)
     _require(config, _HF_DEFAULTS, _REQUIRED, source)
     field = lambda name: _field(config, _HF_DEFAULTS, name)  # noqa: E731
     hidden = field("encoder_hidden_dim")
@@ -189,11 +241,9 @@ def model_config_from_hf(config: dict[str, Any], source: str = "config.json") ->
             f"{source}: decoder_in_channels={field('decoder_in_channels')} must be [encoder_hidden_dim]*3 and "
             f"encoder_in_channels={field('encoder_in_channels')} must have 3 levels"
         )
-    points = field("decoder_n_points")
-    if not isinstance(points, int):
-        raise ValueError(f"{source}: decoder_n_points={points!r} must be one int (RT-DETR v1)")
     return ModelConfig(
         **_backbone_fields(config, source),
+        **_decoder_fields(config, version, source),
         encoder_hidden_dim=hidden,
         encoder_ffn_dim=field("encoder_ffn_dim"),
         encoder_heads=field("encoder_attention_heads"),
@@ -206,7 +256,6 @@ def model_config_from_hf(config: dict[str, Any], source: str = "config.json") ->
         decoder_heads=field("decoder_attention_heads"),
         num_decoder_layers=field("decoder_layers"),
         eval_idx=-1,
-        num_points=(points,) * 3,
         num_queries=field("num_queries"),
         num_classes=_num_labels(config),
         num_denoising=field("num_denoising"),
@@ -216,11 +265,23 @@ def model_config_from_hf(config: dict[str, Any], source: str = "config.json") ->
     )
 
 
+def is_hf_v2(config: ModelConfig) -> bool:
+    """Whether `config` is written as an HF RT-DETRv2 folder: version 2, or an option only HF v2 has."""
+    return config.version == 2 or config.cross_attn_method != "default" or config.offset_scale != 0.5
+
+
 def _check_exportable(config: ModelConfig) -> None:
-    """Raise for the settings HF's RTDetr cannot express."""
+    """Raise for the settings HF's RTDetr / RTDetrV2 cannot express."""
     problems = []
+    if config.backbone != "resnet_vd":
+        problems.append(f"backbone={config.backbone!r} (only ResNet-vd backbones are written)")
     if len(set(config.num_points)) != 1:
         problems.append(f"num_points={config.num_points} (HF has one decoder_n_points for all levels)")
+    if config.query_select_method != "default":
+        problems.append(
+            f"query_select_method={config.query_select_method!r} (HF always selects the top-K tokens by their "
+            "best class score: 'default')"
+        )
     if round(3 * config.depth_mult) != 3:
         problems.append(f"depth_mult={config.depth_mult} (HF always builds 3 RepVGG blocks per CSP layer)")
     if config.resolved_eval_idx != config.num_decoder_layers - 1:
@@ -236,11 +297,25 @@ def _check_exportable(config: ModelConfig) -> None:
     except ValueError as error:
         problems.append(str(error))
     if problems:
-        raise ValueError("this model has no Hugging Face RTDetr equivalent: " + "; ".join(problems))
+        raise ValueError("this model has no Hugging Face RT-DETR equivalent: " + "; ".join(problems))
+
+
+def _version_fields(config: ModelConfig) -> dict[str, Any]:
+    """model_type, architectures and (v2) the v2 decoder fields of the folder `config` is written as."""
+    if not is_hf_v2(config):
+        return {"model_type": "rt_detr", "architectures": ["RTDetrForObjectDetection"]}
+    return {
+        "model_type": "rt_detr_v2",
+        "architectures": ["RTDetrV2ForObjectDetection"],
+        "decoder_n_levels": 3,
+        "decoder_method": config.cross_attn_method,
+        "decoder_offset_scale": float(config.offset_scale),
+    }
 
 
 def hf_config_from_model_config(config: ModelConfig, id2label: dict[int, str] | None = None) -> dict[str, Any]:
-    """A `config.json` dict from which `RTDetrForObjectDetection` builds the model `config` describes.
+    """A `config.json` dict from which `RTDetrForObjectDetection` (v1 configs) or `RTDetrV2ForObjectDetection`
+    (`is_hf_v2`) builds the model `config` describes.
 
     `eval_size` and `anchor_image_size` stay None (HF then computes the position embedding and anchors
     per input, as we do); backbone norms are frozen exactly when ours are. Labels default to HF's LABEL_i.
@@ -259,7 +334,7 @@ def hf_config_from_model_config(config: ModelConfig, id2label: dict[int, str] | 
     }
     return {
         **{k: v for k, v in _HF_DEFAULTS.items() if k not in ("backbone", "use_timm_backbone", "num_labels")},
-        "architectures": ["RTDetrForObjectDetection"],
+        **_version_fields(config),
         "backbone_config": backbone,
         "freeze_backbone_batch_norms": config.freeze_norm,
         "encoder_hidden_dim": config.encoder_hidden_dim,
@@ -342,8 +417,22 @@ def _class_names(config: dict[str, Any], source: str) -> list[str] | None:
     return None if names == [f"LABEL_{i}" for i in range(len(names))] else names
 
 
+def _check_points_scale(hf_state_dict: dict[str, Tensor], config: ModelConfig, source: str) -> None:
+    """RTDetrV2's stored `n_points_scale` (1 / n per point) must agree with decoder_n_points: our model
+    recomputes it from num_points, so a different stored value would silently change the sampling."""
+    points = config.num_points[0]
+    expected = points_scale_tensors(points, 1)["model.decoder.layers.0.encoder_attn.n_points_scale"]
+    for layer, value in sorted(points_scale_buffers(hf_state_dict).items()):
+        if value.shape != expected.shape or not torch.allclose(value.float(), expected, rtol=1e-3, atol=0.0):
+            raise ValueError(
+                f"{source}: model.decoder.layers.{layer}.encoder_attn.n_points_scale={value.tolist()} disagrees "
+                f"with decoder_n_points={points} (expected 1/{points} for each of its {expected.numel()} points)"
+            )
+
+
 def read_hf_folder(folder: str | Path) -> tuple[ModelConfig, dict[str, Tensor], list[str] | None]:
-    """(config, official-named state dict, class names or None) of a Hugging Face RT-DETR folder (`config.json` + `model.safetensors` or `pytorch_model.bin`)."""
+    """(config, official-named state dict, class names or None) of a Hugging Face RT-DETR or RT-DETRv2 folder
+    (`config.json` + `model.safetensors` or `pytorch_model.bin`)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise NotADirectoryError(f"{folder} is not a Hugging Face model folder")
@@ -351,6 +440,7 @@ def read_hf_folder(folder: str | Path) -> tuple[ModelConfig, dict[str, Tensor], 
     hf_config = _read_json(config_path)
     config = model_config_from_hf(hf_config, source=str(config_path))
     hf_state_dict, weights_path = _read_hf_weights(folder)
+    _check_points_scale(hf_state_dict, config, str(weights_path))
     try:
         state_dict = hf_to_official(hf_state_dict)
     except ValueError as error:
@@ -361,14 +451,17 @@ def read_hf_folder(folder: str | Path) -> tuple[ModelConfig, dict[str, Tensor], 
 def save_hf_folder(
     model: nn.Module, config: ModelConfig, folder: str | Path, class_names: list[str] | None = None
 ) -> None:
-    """Write `config.json` + `model.safetensors` that `RTDetrForObjectDetection.from_pretrained(folder)` loads
-    with no missing or unexpected tensors. The model must not be `deploy()`-ed (HF has no fused RepVGG)."""
+    """Write `config.json` + `model.safetensors` that `RTDetrForObjectDetection.from_pretrained(folder)` (or,
+    when `is_hf_v2(config)`, `RTDetrV2ForObjectDetection`) loads with no missing or unexpected tensors. The
+    model must not be `deploy()`-ed (HF has no fused RepVGG)."""
     if class_names is not None and len(class_names) != config.num_classes:
         raise ValueError(f"{len(class_names)} class names for a model with num_classes={config.num_classes}")
     hf_config = hf_config_from_model_config(config, dict(enumerate(class_names)) if class_names else None)
     state_dict = official_to_hf({k: v.detach().cpu() for k, v in model.state_dict().items()})
     if config.num_denoising == 0:  # HF builds no denoising class embedding then
         del state_dict["model.denoising_class_embed.weight"]
+    if is_hf_v2(config):
+        state_dict.update(points_scale_tensors(config.num_points[0], config.num_decoder_layers))
     state_dict = {k: v.contiguous() for k, v in checkpoint_names(state_dict).items()}
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
