@@ -187,3 +187,14 @@ def test_hgnetv2_deploy_folds_every_norm_and_keeps_outputs():
     for m0, m1 in zip(before_maps, after_maps):
         assert (m0 - m1).abs().max().item() <= 1e-4 * m0.abs().max().item()
     assert_same_queries(before, after, atol=1e-3)
+
+
+def test_describe_names_the_version_backbone_and_sampling():
+    from types import SimpleNamespace
+
+    def describe(name: str, **overrides) -> str:
+        return RTDETRModel.describe(SimpleNamespace(config=preset(name, **overrides)))
+
+    assert describe("rtdetr_r18vd") == "R18 (256-d encoder, 3 decoder layers, 80 classes)"
+    assert describe("rtdetrv2_hgnetv2_x", cross_attn_method="discrete", num_classes=3) == (
+        "v2 HGNetv2-X (384-d encoder, 6 decoder layers, discrete sampling, 3 classes)")  # fmt: skip

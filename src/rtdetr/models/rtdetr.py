@@ -56,8 +56,9 @@ class RTDETRModel(nn.Module):
         """'R18 (256-d encoder, 3 decoder layers, 80 classes)'; 'v2 HGNetv2-L (...)' for RT-DETRv2 models."""
         c = self.config
         backbone = f"HGNetv2-{c.backbone[-1].upper()}" if c.backbone.startswith("hgnetv2") else f"R{c.depth}"
+        sampling = ", discrete sampling" if c.cross_attn_method == "discrete" else ""
         return (f"{'v2 ' if c.version == 2 else ''}{backbone} ({c.encoder_hidden_dim}-d encoder, "
-                f"{c.num_decoder_layers} decoder layers, {c.num_classes} classes)")  # fmt: skip
+                f"{c.num_decoder_layers} decoder layers{sampling}, {c.num_classes} classes)")  # fmt: skip
 
     def forward(self, images: Tensor, targets: list[dict[str, Tensor]] | None = None) -> dict:
         if images.shape[-2] % 32 or images.shape[-1] % 32:
