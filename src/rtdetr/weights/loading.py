@@ -5,7 +5,8 @@
     fit_state_dict(model, weights.state_dict, weights.source)           # strict: every tensor named on mismatch
 
 Kinds: (a) official lyuwenyu/RT-DETR checkpoints (v1 or v2 names, `ema.module` or `model` nesting, or a bare
-state dict), (b) Hugging Face folders (`config.json` + `model.safetensors`), (c) ours (`weights.checkpoint`).
+state dict), (b) Hugging Face folders (`config.json` + `model.safetensors`), (c) ours (`weights.checkpoint`),
+(d) Ultralytics RT-DETR-L/X `.pt` files (`weights.ultralytics`, read without running their pickle).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from ..data.coco_categories import COCO_CATEGORY_IDS, COCO_CLASS_NAMES
 from .checkpoint import is_ours, read_ours, torch_load
 from .huggingface import read_hf_folder
 from .official import read_official
+from .ultralytics import is_ultralytics_checkpoint, read_ultralytics
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +35,8 @@ _LISTED = 10
 
 @dataclass
 class LoadedWeights:
-    """Weights with everything needed to rebuild their model. `kind` is 'rtdetr', 'official' or 'huggingface';
-    `source` the file the tensors came from (for messages)."""
+    """Weights with everything needed to rebuild their model. `kind` is 'rtdetr', 'official', 'huggingface' or
+    'ultralytics'; `source` the file the tensors came from (for messages)."""
 
     config: ModelConfig
     state_dict: dict[str, Tensor]
@@ -46,12 +48,17 @@ class LoadedWeights:
 
 def read_weights(path: str | Path) -> LoadedWeights:
     """Any supported checkpoint -> LoadedWeights. Ours give their EMA weights when they have them; official and
-    Hugging Face checkpoints are COCO models (label i is the i-th COCO category)."""
+    Hugging Face checkpoints are COCO models (label i is the i-th COCO category); Ultralytics ones carry their
+    class names (COCO category ids when the names are COCO's)."""
     path = Path(path)
     if path.is_dir():
         config, state_dict, names = read_hf_folder(path)
         weights_file = next((path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()), path)
         return _with_coco_names(config, state_dict, "huggingface", names, str(weights_file))
+    if is_ultralytics_checkpoint(path):  # pickled Ultralytics modules: torch_load (weights_only) cannot read them
+        u = read_ultralytics(path)
+        ids = list(COCO_CATEGORY_IDS) if tuple(u.class_names) == COCO_CLASS_NAMES else list(range(len(u.class_names)))
+        return LoadedWeights(u.config, u.state_dict, u.class_names, ids, "ultralytics", str(path))
     checkpoint = torch_load(path)
     if not isinstance(checkpoint, dict):
         raise ValueError(f"{path} holds a {type(checkpoint).__name__}, not an RT-DETR checkpoint (a dict)")
