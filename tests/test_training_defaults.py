@@ -63,7 +63,7 @@ def test_the_resolved_recipe_is_stored_and_explicit_settings_win(shapes, tmp_pat
 def test_recipe_official_gives_the_official_numbers(shapes, tmp_path):
     out = train("rtdetr_tiny", shapes, output=str(tmp_path), epochs=1, recipe="official", **FAST)
     saved = TrainConfig(**torch_load(out / "last.pt")["train_config"])
-    official = TrainConfig.for_model(preset("rtdetr_tiny"), epochs=1, recipe="official", **{
+    official = TrainConfig.for_model(preset("rtdetr_tiny"), epochs=1, recipe="official", param_groups="r18vd", **{
         k: v for k, v in FAST.items() if k in TrainConfig.__dataclass_fields__})  # fmt: skip
     assert saved.replace(output=official.output) == official
     assert (saved.lr, saved.backbone_lr, saved.warmup_steps, saved.ema_decay) == (1e-4, 1e-5, 2000, 0.9999)
