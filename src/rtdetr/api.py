@@ -3,6 +3,8 @@
     model = RTDETR.from_checkpoint("rtdetr_r18vd_dec3_6x_coco_from_paddle.pth")  # or RTDETR.from_preset(...)
     out = model(images)              # eval: [B,3,H,W] RGB in [0,1] -> pred_logits [B,Q,C], pred_boxes [B,Q,4]
     dets = model.predict(["a.jpg", pil_image, ndarray], score_threshold=0.5)
+    dets = model.predict("aerial.jpg", tile=640)         # tiled: small objects in large images
+    result = model.track("clip.mp4", "runs/track")       # ByteTrack: annotated video, JSON, MOT text
     run = model.fit(data="datasets/mine", epochs=12)    # fine-tune; the model then holds the best weights
     metrics = model.evaluate(data="datasets/mine")      # COCO metrics
     model.export("model.onnx")                           # checked against PyTorch in ONNX Runtime
@@ -28,6 +30,9 @@ from .engine.evaluation import evaluate
 from .engine.run import train
 from .export.onnx import export_onnx
 from .inference.onnxruntime import OnnxDetector
+from .inference.sources import PredictOptions
+from .inference.tiling import TileOptions, predict_tiled
+from .inference.tracking import TrackerOptions, TrackResult, track_video
 from .loss.criterion import RTDETRCriterion
 from .models.rtdetr import RTDETRModel
 from .postprocess import Detections, postprocess
@@ -115,6 +120,7 @@ class RTDETR(RTDETRModel):
         batch_size: int = 8,
         max_detections: int = 300,
         amp: str = "off",
+        tile: int | TileOptions | None = None,
     ) -> list[Detections]:
         """Detect objects: per image, boxes [N, 4] pixel xyxy in the original image, scores, labels
         (dataset category ids) and class names, sorted by score.
@@ -124,7 +130,13 @@ class RTDETR(RTDETRModel):
         ignoring aspect ratio, as in training. At most `max_detections` (query, class) pairs per image.
         amp: 'bf16' (or 'fp16' on CUDA) runs the network under autocast: on CPUs with AMX / AVX512-BF16
         about 2x faster, at a small accuracy cost (benchmarks/RESULTS.md); post-processing stays fp32.
+        tile: for images much larger than the input with small objects, cut each image into tiles of this side
+        in original pixels (a `TileOptions` sets the overlap, a full-frame pass and the merge), run them in
+        batches of `batch_size` and merge the boxes across tile borders (`inference.tiling`).
         """
+        if tile is not None:
+            tiles = tile if isinstance(tile, TileOptions) else TileOptions(tile)
+            return predict_tiled(self, images, tiles, score_threshold, image_size, batch_size, max_detections, amp)
         size = tuple(image_size or self.config.image_size)
         was_training = self.training
         self.eval()
@@ -139,6 +151,22 @@ class RTDETR(RTDETRModel):
             )
         self.train(was_training)
         return [Detections(d.boxes.cpu(), d.scores.cpu(), d.labels.cpu(), d.class_names) for d in results]
+
+    def track(
+        self,
+        video: str | Path,
+        output: str | Path = "runs/track",
+        tracker: TrackerOptions | None = None,
+        image_size: tuple[int, int] | None = None,
+        batch_size: int = 8,
+        amp: str = "off",
+    ) -> TrackResult:
+        """Detect and track objects through a video with ByteTrack at thresholds set for RT-DETR's scores
+        (`tracker`; see `inference.tracking`). Writes `<stem>_track.mp4` (boxes with track ids and trails),
+        `<stem>_tracks.json` (per frame) and `<stem>_mot.txt` (MOT challenge text) to `output`; returns the
+        tracked detections of every frame (`TrackedDetections`: `Detections` plus `track_ids`)."""
+        options = PredictOptions(image_size=image_size, batch_size=batch_size, amp=amp)
+        return track_video(self, video, output, options, tracker)
 
     def fit(self, data: str | Path | None = None, **settings: Any) -> FitResult:
         """Train (fine-tune) these weights on a dataset folder (`rtdetr.engine.run.train` takes the same

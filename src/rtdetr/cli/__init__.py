@@ -1,5 +1,5 @@
-"""The `rtdetr` command: one verb per module (train / eval, demo, check, predict, export, bench), thin argparse over
-the Python API, with the flags of `cli.arguments` meaning the same everywhere."""
+"""The `rtdetr` command: one verb per module (train / eval, demo, check, predict, track, serve, export, bench), thin
+argparse over the Python API, with the flags of `cli.arguments` meaning the same everywhere."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import argparse
 import logging
 import sys
 
-from . import bench, check, export, predict, train
+from . import bench, check, export, predict, serve, track, train
 
 __all__ = ["build_parser", "main"]
 
@@ -15,11 +15,11 @@ __all__ = ["build_parser", "main"]
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rtdetr",
-        description="RT-DETR real-time object detection: train, evaluate, predict, export, benchmark.",
+        description="RT-DETR real-time object detection: train, evaluate, predict, track, serve, export, benchmark.",
         epilog="Run `rtdetr VERB --help` for the flags of each verb.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="VERB")
-    for verb in (train, check, predict, export, bench):
+    for verb in (train, check, predict, track, serve, export, bench):
         verb.add(sub)
     return parser
 

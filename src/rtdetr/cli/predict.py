@@ -6,13 +6,16 @@ import argparse
 
 from ..api import load_detector
 from ..inference.sources import PredictOptions, predict_sources
+from ..inference.tiling import TileOptions
 from .arguments import add_amp, add_device, add_image_size, add_model_arguments, resolve_device
 
 
 def run(args: argparse.Namespace) -> int:
     detector = load_detector(args.weights, args.preset, args.decoder_layers, resolve_device(args.device),
                              cross_attn_method=args.cross_attn_method)
-    options = PredictOptions(args.score_threshold, args.img_size, args.batch_size, args.max_detections, args.amp)
+    tiles = TileOptions(args.tile, args.overlap, args.full_frame) if args.tile else None
+    options = PredictOptions(args.score_threshold, args.img_size, args.batch_size, args.max_detections, args.amp,
+                             tiles)  # fmt: skip
     summary = predict_sources(detector, args.source, args.output, options)
     print(f"{len(summary.images)} images, {len(summary.videos)} videos -> {args.output} "
           f"({len(summary.failed)} skipped, listed in predictions.json)")  # fmt: skip
@@ -33,4 +36,12 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="images (or video frames) per forward pass")
     p.add_argument("--max-detections", type=int, default=300, help="per image, before the score threshold")
     p.add_argument("--output", default="runs/predict", help="default: %(default)s")
+    tiling = p.add_argument_group("tiled inference (large images, small objects)")
+    tiling.add_argument("--tile", type=int, metavar="SIZE",
+                        help="cut each image into SIZE x SIZE tiles (original pixels), each run at the model's input "
+                        "size, the boxes merged across tile borders")  # fmt: skip
+    tiling.add_argument("--overlap", type=float, default=TileOptions.overlap,
+                        help="fraction of a tile shared with its neighbour (default: %(default)s)")  # fmt: skip
+    tiling.add_argument("--full-frame", action="store_true",
+                        help="also run the whole image, for objects larger than a tile")  # fmt: skip
     p.set_defaults(func=run)

@@ -26,6 +26,7 @@ from ..data.images import load_image
 from ..postprocess import Detections
 from ..viz import draw_detections
 from .detector import Detector
+from .tiling import TileOptions, predict_tiled
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v"}
@@ -34,15 +35,20 @@ DEFAULT_VIDEO_FPS = 30.0  # when a video file does not say its frame rate
 
 @dataclass
 class PredictOptions:
-    """How `predict_sources` runs the detector (the arguments of `Detector.predict`)."""
+    """How `predict_sources` runs the detector (the arguments of `Detector.predict`; with `tiles`, each image
+    is cut into tiles that run as batches of `batch_size`: `inference.tiling`)."""
 
     score_threshold: float = 0.5
     image_size: tuple[int, int] | None = None
     batch_size: int = 8
     max_detections: int = 300
     amp: str = "off"
+    tiles: TileOptions | None = None
 
     def run(self, detector: Detector, images: list[Any]) -> list[Detections]:
+        if self.tiles is not None:
+            return predict_tiled(detector, images, self.tiles, self.score_threshold, self.image_size,
+                                 self.batch_size, self.max_detections, amp=self.amp)  # fmt: skip
         return detector.predict(images, self.score_threshold, self.image_size, max(1, len(images)),
                                 self.max_detections, amp=self.amp)  # fmt: skip
 
