@@ -199,9 +199,11 @@ def write_track_json(result: TrackResult, source: Path, size: tuple[int, int]) -
 
 def write_mot(frames: list[TrackedDetections], path: Path) -> None:
     """MOT challenge text: one line per tracked box, `frame,id,left,top,width,height,score,-1,-1,-1`, frames
-    from 1 (what motmetrics' `mot15-2D` reader and the MOT devkits take)."""
+    and pixel coordinates from 1 as in the benchmark's files (the devkit's MATLAB convention; motmetrics'
+    `mot15-2D` reader subtracts the 1 again)."""
     lines = []
     for index, frame in enumerate(frames, start=1):
         for track_id, (x0, y0, x1, y1), score in zip(frame.track_ids.tolist(), frame.boxes.tolist(), frame.scores):
-            lines.append(f"{index},{track_id},{x0:.2f},{y0:.2f},{x1 - x0:.2f},{y1 - y0:.2f},{float(score):.4f},-1,-1,-1")
+            box = f"{x0 + 1:.2f},{y0 + 1:.2f},{x1 - x0:.2f},{y1 - y0:.2f}"
+            lines.append(f"{index},{track_id},{box},{float(score):.4f},-1,-1,-1")
     path.write_text("".join(line + "\n" for line in lines))
