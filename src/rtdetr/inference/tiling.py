@@ -29,6 +29,10 @@ from ..postprocess import Detections
 from .detector import Detector
 
 MERGE_METHODS = ("nmm", "nms")
+# The merge sees the best CANDIDATES x max_detections boxes of an image's crops: a DETR reports every query above
+# the threshold, tens of thousands over many tiles at low thresholds, and supervision's merge builds a pairwise
+# overlap matrix (N^2 memory). A greedy NMS keeps exactly the same boxes among these.
+CANDIDATES = 4
 
 
 @dataclass(frozen=True)
@@ -98,15 +102,17 @@ def predict_tiled(
 
 
 def merge_detections(parts: list[Detections], tiles: TileOptions, max_detections: int = 300) -> Detections:
-    """The detections of overlapping crops (already in original-image pixels) as one image's: the boxes of
-    one class overlapping by more than `tiles.merge_threshold` (intersection over the smaller) merged, then
-    the best `max_detections` by score."""
+    """The detections of overlapping crops (already in original-image pixels) as one image's: of the best
+    `CANDIDATES x max_detections`, the boxes of one class overlapping by more than `tiles.merge_threshold`
+    (intersection over the smaller) merged, then the best `max_detections` by score."""
     boxes = torch.cat([d.boxes.float().cpu() for d in parts]) if parts else torch.zeros(0, 4)
     scores = torch.cat([d.scores.float().cpu() for d in parts]) if parts else torch.zeros(0)
     labels = torch.cat([d.labels.cpu() for d in parts]) if parts else torch.zeros(0, dtype=torch.int64)
     names = [name for d in parts for name in d.class_names]
     if not len(scores):
         return Detections(boxes, scores, labels, names)
+    best = scores.argsort(descending=True, stable=True)[: CANDIDATES * max_detections]
+    boxes, scores, labels, names = boxes[best], scores[best], labels[best], [names[i] for i in best.tolist()]
     found = sv.Detections(
         xyxy=boxes.numpy().astype(np.float64), confidence=scores.numpy().astype(np.float64),
         class_id=labels.numpy(), data={"class_name": np.array(names, dtype=object)},
