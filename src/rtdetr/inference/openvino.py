@@ -1,0 +1,76 @@
+"""Running an exported OpenVINO IR with the same `predict` as `RTDETR`.
+
+    detector = OpenVinoDetector("model_ov")          # a folder with model.xml, or the .xml file
+    dets = detector.predict(["a.jpg", pil_image], score_threshold=0.5)   # list[Detections], pixel xyxy
+
+Class names, category ids, the input size and the precision are read from the IR's metadata (written by
+`export_openvino` / `export.quantize`); the inference precision is set from it, never OpenVINO's default.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import openvino as ov
+import torch
+from torch import Tensor
+
+from ..data.images import ImageInput, model_input_batches
+from ..export.openvino import compile_ir, ir_path, read_ir_metadata, run_compiled
+from ..postprocess import Detections, select_detections
+
+
+class OpenVinoDetector:
+    """An exported RT-DETR IR (graph with the top-K post-processor inside) behind `RTDETR.predict`'s interface.
+    The IR is compiled once per batch size it is given (a static shape)."""
+
+    def __init__(self, path: str | Path, device: str = "cpu", threads: int | None = None) -> None:
+        self.path = ir_path(path)
+        self.metadata = read_ir_metadata(self.path)
+        self.class_names: list[str] = json.loads(self.metadata["class_names"])
+        self.category_ids: list[int] = json.loads(self.metadata["category_ids"])
+        self.image_size: tuple[int, int] = tuple(json.loads(self.metadata["image_size"]))  # type: ignore[assignment]
+        self.precision = self.metadata["precision"]
+        self.device, self.threads = device, threads
+        self.model = ov.Core().read_model(str(self.path))
+        self.compiled: dict[int, ov.CompiledModel] = {}
+
+    def compiled_for(self, batch_size: int) -> ov.CompiledModel:
+        if batch_size not in self.compiled:
+            self.compiled[batch_size] = compile_ir(self.model, self.precision, batch_size, self.threads, self.device)
+        return self.compiled[batch_size]
+
+    def run(self, images: Tensor, orig_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The raw graph: images [N, 3, H, W] float, orig_sizes [N, 2] (width, height) -> labels, boxes, scores."""
+        feeds = {"images": images.float().numpy(), "orig_target_sizes": orig_sizes.to(torch.int64).numpy()}
+        labels, boxes, scores = run_compiled(self.compiled_for(len(images)), feeds)
+        return torch.from_numpy(labels.copy()), torch.from_numpy(boxes.copy()), torch.from_numpy(scores.copy())
+
+    def predict(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        score_threshold: float = 0.5,
+        image_size: tuple[int, int] | None = None,
+        batch_size: int = 8,
+        max_detections: int = 300,
+        amp: str = "off",
+    ) -> list[Detections]:
+        """As `RTDETR.predict`. `image_size` can only be the exported size, `amp` only 'off' (the IR's
+        precision is fixed at export: export again with --precision bf16)."""
+        if amp != "off":
+            raise ValueError(f"{self.path}: amp={amp!r} applies to PyTorch weights; this IR runs {self.precision} "
+                             "(export again with --precision to change it)")  # fmt: skip
+        if image_size is not None and tuple(image_size) != self.image_size:
+            raise ValueError(
+                f"{self.path} was exported for {self.image_size[0]}x{self.image_size[1]} inputs, not "
+                f"{image_size[0]}x{image_size[1]}: export again with that --img-size"
+            )
+        results: list[Detections] = []
+        for batch, orig_sizes in model_input_batches(images, self.image_size, batch_size):
+            labels, boxes, scores = self.run(batch, orig_sizes)
+            results += select_detections(
+                labels, boxes, scores, self.category_ids, self.class_names, score_threshold, max_detections
+            )
+        return results
