@@ -70,8 +70,9 @@ def test_ids_stay_stable_through_a_crossing_and_the_mot_text_parses(tmp_path, cr
 
     hypotheses = mm.io.loadtxt(str(result.mot), fmt="mot15-2D")
     assert len(hypotheses) == sum(len(f) for f in result.frames)
-    first = hypotheses.loc[1].sort_index()
-    frame = result.frames[0]
+    assert [len(f) for f in result.frames[:3]] == [0, 0, 2], "tracks are reported from their third frame"
+    first = hypotheses.loc[3].sort_index()
+    frame = result.frames[2]
     by_id = frame.track_ids.argsort()
     assert first.index.tolist() == frame.track_ids[by_id].tolist()
     xywh = torch.cat([frame.boxes[:, :2], frame.boxes[:, 2:] - frame.boxes[:, :2]], 1)[by_id]
@@ -100,14 +101,15 @@ def test_one_query_reported_with_two_classes_makes_one_track():
     torch.testing.assert_close(tracked.boxes, box + 4, atol=0.5, rtol=0)
 
 
-def test_detr_scores_start_tracks_and_low_scores_only_extend_them():
-    """Scores of true objects from RT-DETR's sigmoid sit at 0.5-0.9: they start tracks (from 0.5); a 0.2 score
-    (ByteTrack's second association) continues a track but never starts one."""
+def test_detr_scores_start_tracks_from_07_and_low_scores_only_extend_them():
+    """RT-DETR's near-duplicate queries reach 0.5-0.6: tracks start from 0.7 and are reported after 3 frames;
+    a 0.2 (ByteTrack's second association) continues a track but never starts one."""
     tracker = Tracker()
-    start = Detections(torch.tensor([[10.0, 10, 50, 40], [100, 10, 140, 40]]), torch.tensor([0.55, 0.2]),
-                       torch.tensor([1, 1]), ["a", "a"])  # fmt: skip
-    assert tracker.update(start).track_ids.tolist() == [1]
-    weak = Detections(torch.tensor([[12.0, 10, 52, 40]]), torch.tensor([0.2]), torch.tensor([1]), ["a"])
+    sure = torch.tensor([[10.0, 10, 50, 40], [100, 10, 140, 40], [200, 10, 240, 40]])
+    found = [tracker.update(Detections(sure + step, torch.tensor([0.75, 0.65, 0.2]), torch.tensor([1, 1, 1]),
+                                       ["a"] * 3)) for step in range(3)]  # fmt: skip
+    assert [f.track_ids.tolist() for f in found] == [[], [], [1]], "only the 0.75 object, from its third frame"
+    weak = Detections(sure[:1] + 3, torch.tensor([0.2]), torch.tensor([1]), ["a"])
     assert tracker.update(weak).track_ids.tolist() == [1]
 
 
@@ -130,13 +132,13 @@ def test_track_cli_and_api(tmp_path, crossing_video, one_box_network):
     output = tmp_path / "out"
     assert main(["track", str(crossing_video), "--weights", str(weights), "--output", str(output)]) == 0
     lines = (output / "crossing_mot.txt").read_text().splitlines()
-    assert len(lines) == FRAMES and {line.split(",")[1] for line in lines} == {"1"}
+    assert len(lines) == FRAMES - 2 and {line.split(",")[1] for line in lines} == {"1"}, "from the third frame"
     # the box (0.25, 0.5, 0.2, 0.4) of a 240x160 frame: left 36, top 48, 48 x 64; MOT pixels count from 1
     assert [float(v) for v in lines[0].split(",")[2:6]] == pytest.approx([37.0, 49.0, 48.0, 64.0], abs=0.01)
     assert (output / "crossing_track.mp4").is_file() and (output / "crossing_tracks.json").is_file()
 
     result = RTDETR.from_checkpoint(weights).track(crossing_video, tmp_path / "api", batch_size=16)
-    assert result.track_ids == [1] and all(len(f) == 1 for f in result.frames)
+    assert result.track_ids == [1] and [len(f) for f in result.frames] == [0, 0] + [1] * (FRAMES - 2)
 
 
 def test_track_cli_names_a_missing_video(tmp_path, capsys):
