@@ -6,14 +6,14 @@ import argparse
 
 from ..api import load_detector
 from ..inference.sources import PredictOptions, predict_sources
-from ..inference.tiling import TileOptions
+from ..inference.tiling import MERGE_METHODS, TileOptions
 from .arguments import add_amp, add_device, add_image_size, add_model_arguments, resolve_device
 
 
 def run(args: argparse.Namespace) -> int:
     detector = load_detector(args.weights, args.preset, args.decoder_layers, resolve_device(args.device),
                              cross_attn_method=args.cross_attn_method)
-    tiles = TileOptions(args.tile, args.overlap, args.full_frame) if args.tile else None
+    tiles = TileOptions(args.tile, args.overlap, args.full_frame, args.merge) if args.tile else None
     options = PredictOptions(args.score_threshold, args.img_size, args.batch_size, args.max_detections, args.amp,
                              tiles)  # fmt: skip
     summary = predict_sources(detector, args.source, args.output, options)
@@ -44,4 +44,7 @@ def add(sub: argparse._SubParsersAction) -> None:
                         help="fraction of a tile shared with its neighbour (default: %(default)s)")  # fmt: skip
     tiling.add_argument("--full-frame", action="store_true",
                         help="also run the whole image, for objects larger than a tile")  # fmt: skip
+    tiling.add_argument("--merge", choices=MERGE_METHODS, default=TileOptions.merge,
+                        help="across tile borders: keep the best box (nms) or merge the group (nmm); default: "
+                        "%(default)s")  # fmt: skip
     p.set_defaults(func=run)

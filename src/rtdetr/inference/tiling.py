@@ -6,9 +6,11 @@ Each image is cut into `size` x `size` windows that overlap by `overlap` of a ti
 at the image border), every window is resized to the model's input like a whole image would be, and all
 windows of an image (plus, with `full_frame`, the whole image for objects larger than a tile) go through
 `Detector.predict` as batches. Boxes are shifted back to original-image pixels and merged across tile
-borders with supervision's non-maximum merging (or NMS) under intersection-over-smaller: an object cut by a
+borders with supervision's NMS (or non-maximum merging) under intersection-over-smaller: an object cut by a
 tile edge yields a partial box that lies inside the whole box of the tile that sees it entirely, so the two
-overlap by ~1 by that measure while their IoU can be 0.5 or less.
+overlap by ~1 by that measure while their IoU can be 0.5 or less. NMS is the default because RT-DETR reports
+its near-duplicate queries at low scores: merging (SAHI's default, for NMS-ed YOLO outputs) averages their
+boxes and scores into the object's (AP 0.29 against 0.45 with NMS on the benchmark, benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -39,13 +41,13 @@ CANDIDATES = 4
 class TileOptions:
     """How an image is cut and merged. size: tile side in original-image pixels; overlap: the fraction of a
     tile shared with its neighbour, in [0, 1); full_frame: also run the whole image (objects larger than a
-    tile); merge: 'nmm' (merge a group into its enclosing box, SAHI's default) or 'nms' (keep the best box);
+    tile); merge: 'nms' (keep the best box of a group) or 'nmm' (merge a group into its enclosing box);
     merge_threshold: intersection over the smaller box above which two boxes of one class are one object."""
 
     size: int
     overlap: float = 0.2
     full_frame: bool = False
-    merge: str = "nmm"
+    merge: str = "nms"
     merge_threshold: float = 0.5
 
     def __post_init__(self) -> None:
