@@ -29,7 +29,9 @@ from .data.images import ImageInput, model_input_batches
 from .engine.evaluation import evaluate
 from .engine.run import train
 from .export.onnx import export_onnx
+from .export.openvino import export_openvino, is_openvino
 from .inference.onnxruntime import OnnxDetector
+from .inference.openvino import OpenVinoDetector
 from .inference.sources import PredictOptions
 from .inference.tiling import TileOptions, predict_tiled
 from .inference.tracking import TrackerOptions, TrackResult, track_video
@@ -189,11 +191,18 @@ class RTDETR(RTDETRModel):
         options: output, image_size, batch_size, amp, ...)."""
         return evaluate(self, data, split, class_names=self.class_names, category_ids=self.category_ids, **options)
 
-    def export(self, path: str | Path, image_size: tuple[int, int] | None = None, **options: Any) -> Path:
-        """Export to ONNX (post-processor inside) and check it against PyTorch in ONNX Runtime on the bundled
-        sample image; raises `ExportCheckError` if they differ. Options: opset, batch_size_dynamic."""
-        return export_onnx(self, path, image_size, class_names=self.class_names, category_ids=self.category_ids,
-                           **options)  # fmt: skip
+    def export(
+        self, path: str | Path, image_size: tuple[int, int] | None = None, format: str = "onnx", **options: Any
+    ) -> Path:
+        """Export to ONNX (post-processor inside; options: opset, batch_size_dynamic) or, with
+        format='openvino', to an OpenVINO IR folder (option: precision fp32 / bf16 / fp16), and check it against
+        PyTorch on the bundled sample image; raises `ExportCheckError` if they differ."""
+        names = dict(class_names=self.class_names, category_ids=self.category_ids)
+        if format == "openvino":
+            return export_openvino(self, path, image_size, **names, **options)
+        if format != "onnx":
+            raise ValueError(f"format must be 'onnx' or 'openvino', got {format!r}")
+        return export_onnx(self, path, image_size, **names, **options)
 
     def save(self, path: str | Path, **extra: Any) -> None:
         """Write our checkpoint format (weights, resolved config, class names, category ids) atomically."""
@@ -216,20 +225,23 @@ def load_detector(
     device: str = "cpu",
     deploy: bool = True,
     cross_attn_method: str | None = None,
-) -> RTDETR | OnnxDetector:
+) -> RTDETR | OnnxDetector | OpenVinoDetector:
     """A ready-to-predict detector (see `inference.detector.Detector`).
 
-    weights: an `.onnx` export (run in ONNX Runtime), or any checkpoint `RTDETR.from_checkpoint` reads (ours,
+    weights: an `.onnx` export (run in ONNX Runtime), an OpenVINO IR (a folder with model.xml, or the .xml),
+    or any checkpoint `RTDETR.from_checkpoint` reads (ours,
     official `.pth`, a Hugging Face folder). Without weights, `preset_name` with random weights (a warning
     says so). num_decoder_layers: keep the first k decoder layers and use the k-th layer's head (PyTorch
     weights only). deploy: re-parameterise the PyTorch model for inference (same outputs up to float
     rounding, faster). cross_attn_method: 'default' or 'discrete' sampling (v2; see `RTDETR.from_checkpoint`).
     """
-    if weights is not None and Path(weights).suffix.lower() == ".onnx":
+    if weights is not None and (Path(weights).suffix.lower() == ".onnx" or is_openvino(weights)):
         for flag, value in (("--decoder-layers", num_decoder_layers), ("--cross-attn-method", cross_attn_method)):
             if value:
-                raise ValueError(f"{weights}: an ONNX graph is fixed at export; export it again with {flag}")
-        return OnnxDetector(weights, device)
+                raise ValueError(f"{weights}: an exported graph is fixed at export; export it again with {flag}")
+        if Path(weights).suffix.lower() == ".onnx":
+            return OnnxDetector(weights, device)
+        return OpenVinoDetector(weights, device)
     overrides: dict[str, Any] = {"num_decoder_layers": num_decoder_layers} if num_decoder_layers else {}
     if cross_attn_method:
         overrides["cross_attn_method"] = cross_attn_method

@@ -12,9 +12,11 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ..api import load_detector
 from ..config import PRESETS, TrainConfig
 from ..engine.evaluation import evaluate
 from ..engine.run import train
+from ..export.openvino import is_openvino
 from ..weights.checkpoint import torch_load
 from .arguments import add_amp, add_device, add_image_size, add_settings, parse_settings
 from . import demo
@@ -50,8 +52,11 @@ def final_line(output: Path) -> str:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    weights = args.weights
+    if Path(weights).suffix.lower() == ".onnx" or is_openvino(weights):
+        weights = load_detector(weights)  # the exported artifact itself, on the CPU
     evaluate(
-        args.weights, args.data, args.split, args.output, ann_file=args.ann, image_dir=args.images,
+        weights, args.data, args.split, args.output, ann_file=args.ann, image_dir=args.images,
         image_size=args.img_size, batch_size=args.batch_size, device=args.device, amp=args.amp,
     )  # fmt: skip
     print(f"wrote {Path(args.output) / 'metrics.json'} and {Path(args.output) / 'predictions.json'}")
@@ -90,10 +95,12 @@ def add(sub: argparse._SubParsersAction) -> None:
     add_settings(t, "any TrainConfig or ModelConfig field, e.g. lr=2e-4 amp=bf16")
     t.set_defaults(func=run_train)
 
-    e = sub.add_parser("eval", help="COCO metrics of a checkpoint on a dataset split",
-                       description="COCO box metrics (pycocotools) of a checkpoint on a dataset split; writes "
-                       "metrics.json and predictions.json (COCO results) to --output.")  # fmt: skip
-    e.add_argument("--weights", required=True, help="checkpoint: ours, official .pth, or a Hugging Face folder")
+    e = sub.add_parser("eval", help="COCO metrics of a checkpoint or an exported model on a dataset split",
+                       description="COCO box metrics (pycocotools) of a checkpoint or an exported model (.onnx, "
+                       "OpenVINO IR) on a dataset split; writes metrics.json and predictions.json (COCO results) to "
+                       "--output.")  # fmt: skip
+    e.add_argument("--weights", required=True, help="checkpoint: ours, official .pth, or a Hugging Face folder; or an "
+                   "exported .onnx / OpenVINO IR folder (model.xml), run on the CPU as exported")  # fmt: skip
     e.add_argument("--data", help="dataset folder (COCO, Roboflow or YOLO layout)")
     e.add_argument("--split", default="val", help="default: %(default)s")
     e.add_argument("--ann", help="annotation file (instead of --data)")

@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Protocol
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
@@ -21,7 +22,7 @@ from ..data.coco import BatchCollator, CocoDetection
 from ..data.datasets import open_split
 from ..data.transforms import eval_transforms
 from ..models.rtdetr import RTDETRModel
-from ..postprocess import postprocess
+from ..postprocess import postprocess, select_detections
 from ..weights.loading import fit_state_dict, read_weights
 from .distributed import Rank, cleanup_distributed, init_distributed
 from .evaluator import CocoEvaluator
@@ -36,6 +37,17 @@ def eval_loader(dataset: CocoDetection, batch_size: int, num_workers: int, proce
         shard, batch_size=batch_size, num_workers=num_workers, collate_fn=BatchCollator(),
         pin_memory=process.device.type == "cuda", generator=torch.Generator().manual_seed(0),
     )  # fmt: skip
+
+
+class ExportedGraph(Protocol):
+    """An exported model's runner (`inference.onnxruntime.OnnxDetector`, `inference.openvino.OpenVinoDetector`):
+    run(images [N, 3, H, W], orig_sizes [N, 2]) -> labels [N, K], boxes [N, K, 4] pixel xyxy, scores [N, K]."""
+
+    class_names: list[str]
+    category_ids: list[int]
+    image_size: tuple[int, int]
+
+    def run(self, images: Tensor, orig_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]: ...
 
 
 @torch.no_grad()
@@ -61,6 +73,21 @@ def evaluate_model(
         evaluator.update([int(t["image_id"]) for t in targets], detections)
     evaluator.gather()
     model.train(was_training)
+    return evaluator.summarize() if process.is_main else None
+
+
+@torch.no_grad()
+def evaluate_graph(
+    graph: ExportedGraph, loader: DataLoader, evaluator: CocoEvaluator, process: Rank
+) -> dict | None:
+    """As `evaluate_model` for an exported graph (post-processor inside): its top-K detections are scored as
+    they come out, so the metrics are those of the artifact users run."""
+    for images, targets in tqdm(loader, desc="eval", unit="batch", leave=False, disable=not process.is_main):
+        orig_sizes = torch.stack([t["orig_size"] for t in targets])
+        labels, boxes, scores = graph.run(images, orig_sizes)
+        detections = select_detections(labels, boxes, scores, graph.category_ids, graph.class_names)
+        evaluator.update([int(t["image_id"]) for t in targets], detections)
+    evaluator.gather()
     return evaluator.summarize() if process.is_main else None
 
 
@@ -101,8 +128,12 @@ def evaluate(
     process). With `output`, writes output/metrics.json and output/predictions.json (COCO results with the
     dataset's own image and category ids). Images are resized to `image_size` (H, W), default the model's.
     amp: 'bf16' / 'fp16' run the forward under autocast (e.g. to measure bf16 inference accuracy).
-    weights: a checkpoint any `read_weights` reads, or a network with its `class_names` and `category_ids`.
+    weights: a checkpoint any `read_weights` reads, a network with its `class_names` and `category_ids`, or an
+    exported graph (`ExportedGraph`: an ONNX or OpenVINO detector, evaluated at its exported size, on the CPU).
     """
+    if not isinstance(weights, (str, Path, nn.Module)):
+        return _evaluate_exported(weights, data, split, output, ann_file, image_dir, image_size, batch_size,
+                                  num_workers, amp, verbose)  # fmt: skip
     process = init_distributed(device)
     try:
         if isinstance(weights, nn.Module):
@@ -112,28 +143,52 @@ def evaluate(
         else:
             model, class_names, category_ids = _load_network(weights)
         model = model.to(process.device).eval()
-        transforms = eval_transforms(tuple(image_size or model.config.image_size))
-        if ann_file is not None and image_dir is not None:
-            dataset = CocoDetection(ann_file, image_dir, transforms)
-        elif data is not None:
-            dataset = open_split(data, split, transforms)
-        else:
-            raise ValueError("evaluate needs `data` (a dataset folder) or both `ann_file` and `image_dir`")
+        dataset = _dataset(data, split, ann_file, image_dir, tuple(image_size or model.config.image_size))
         check_categories(category_ids, class_names, dataset)
         evaluator = CocoEvaluator(dataset.coco, dataset.class_names)
         loader = eval_loader(dataset, batch_size, num_workers, process)
         metrics = evaluate_model(model, loader, evaluator, category_ids, class_names, process, amp)
         if process.is_main:
-            if verbose:
-                print(f"{dataset.ann_file}: {len(dataset)} images\n{evaluator.table()}")
-            if output is not None:
-                output = Path(output)
-                output.mkdir(parents=True, exist_ok=True)
-                (output / "metrics.json").write_text(json.dumps(metrics, indent=1))
-                (output / "predictions.json").write_text(json.dumps(evaluator.results()))
+            _report(metrics, dataset, evaluator, output, verbose)
         return metrics if not process.distributed else _broadcast(metrics)
     finally:
         cleanup_distributed()
+
+
+def _evaluate_exported(
+    graph: ExportedGraph, data, split, output, ann_file, image_dir, image_size, batch_size, num_workers, amp, verbose
+) -> dict:
+    """`evaluate` of an exported graph: one process, its own size and precision."""
+    if amp != "off":
+        raise ValueError(f"amp={amp!r}: an exported graph runs in the precision it was exported with")
+    if image_size is not None and tuple(image_size) != tuple(graph.image_size):
+        raise ValueError(f"the graph was exported for {graph.image_size}, not {tuple(image_size)}: export it again")
+    dataset = _dataset(data, split, ann_file, image_dir, tuple(graph.image_size))
+    check_categories(graph.category_ids, graph.class_names, dataset)
+    evaluator = CocoEvaluator(dataset.coco, dataset.class_names)
+    loader = eval_loader(dataset, batch_size, num_workers, Rank(0, 1, torch.device("cpu")))
+    metrics = evaluate_graph(graph, loader, evaluator, Rank(0, 1, torch.device("cpu")))
+    _report(metrics, dataset, evaluator, output, verbose)
+    return metrics
+
+
+def _dataset(data, split, ann_file, image_dir, image_size: tuple[int, int]) -> CocoDetection:
+    transforms = eval_transforms(image_size)
+    if ann_file is not None and image_dir is not None:
+        return CocoDetection(ann_file, image_dir, transforms)
+    if data is not None:
+        return open_split(data, split, transforms)
+    raise ValueError("evaluate needs `data` (a dataset folder) or both `ann_file` and `image_dir`")
+
+
+def _report(metrics, dataset: CocoDetection, evaluator: CocoEvaluator, output, verbose: bool) -> None:
+    if verbose:
+        print(f"{dataset.ann_file}: {len(dataset)} images\n{evaluator.table()}")
+    if output is not None:
+        output = Path(output)
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        (output / "predictions.json").write_text(json.dumps(evaluator.results()))
 
 
 def _load_network(path: str | Path) -> tuple[RTDETRModel, list[str], list[int]]:
