@@ -160,7 +160,7 @@ def run_compiled(compiled: ov.CompiledModel, feeds: dict) -> list:
 def runtime_precision(compiled: ov.CompiledModel) -> str:
     """The inference precision the plugin chose (e.g. 'f32', 'bf16'; fp16 requested on a CPU without f16 units
     comes back as bf16)."""
-    return str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+    return compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
 
 
 def kernel_summary(compiled: ov.CompiledModel) -> str:
