@@ -1,0 +1,122 @@
+"""A bounded load test of `rtdetr serve` on loopback: throughput and p50/p95 latency per backend and concurrency,
+dynamic batching against one request per model call, and the server's memory before and after.
+
+    rtdetr demo --output runs/demo && rtdetr export --weights runs/demo/train/best.pt --output runs/demo/model.onnx
+    flock /tmp/cpu.lock python3 benchmarks/bench_serve.py --weights runs/demo/train/best.pt runs/demo/model.onnx
+
+Per weights file (PyTorch `.pt`, ONNX Runtime `.onnx`) and per mode (`--max-batch 8 --max-wait-ms 10`, the
+defaults, or `--max-batch 1`), one server process (`python3 -m rtdetr.cli serve ... --log-level warning`) on a free
+port: 16 warm-up requests at concurrency 4, its RSS (/proc/PID/status VmRSS), then `--requests` requests at each
+concurrency (`--concurrency`; an asyncio httpx client in this process, so client and server share the CPU), then
+its RSS again. Each request uploads the bundled sample image (640x480 JPEG, multipart). Latency: from sending to
+the full answer, per request; throughput: requests / wall-clock of the level. Every answer must be a 200.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from rtdetr.export.onnx import sample_image
+
+MODES = {"dynamic batching (max 8, 10 ms)": ["--max-batch", "8", "--max-wait-ms", "10"],
+         "one at a time": ["--max-batch", "1"]}  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+async def load(url: str, image: bytes, requests: int, concurrency: int) -> dict[str, float]:
+    """`requests` uploads, at most `concurrency` in flight: requests/s, p50 and p95 latency (ms), mean batch."""
+    latencies: list[float] = []
+    batches: list[int] = []
+    gate = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=concurrency)) as client:
+
+        async def one() -> None:
+            async with gate:
+                start = time.perf_counter()
+                response = await client.post(f"{url}/v1/detect", files={"image": ("sample.jpg", image, "image/jpeg")})
+                latencies.append((time.perf_counter() - start) * 1000)
+                if response.status_code != 200:
+                    raise RuntimeError(f"{response.status_code}: {response.text}")
+                batches.append(response.json()["batch_size"])
+
+        start = time.perf_counter()
+        await asyncio.gather(*(one() for _ in range(requests)))
+        seconds = time.perf_counter() - start
+    cuts = statistics.quantiles(latencies, n=100)
+    return {"rps": requests / seconds, "p50": statistics.median(latencies), "p95": cuts[94],
+            "batch": statistics.mean(batches)}  # fmt: skip
+
+
+def serve(weights: str, mode: list[str], port: int) -> subprocess.Popen:
+    command = [sys.executable, "-m", "rtdetr.cli", "serve", "--weights", weights, "--port", str(port),
+               "--device", "cpu", "--log-level", "warning", *mode]  # fmt: skip
+    server = subprocess.Popen(command)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            raise RuntimeError(f"the server did not start: {' '.join(command)}")
+        time.sleep(0.2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--weights", nargs="+", required=True, help="a .pt checkpoint and/or an exported .onnx")
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    args = parser.parse_args()
+    image = Path(sample_image()).read_bytes()
+    print(f"{platform.processor() or platform.machine()}, Python {platform.python_version()}; {args.requests} "
+          f"requests per level, the sample image (640x480 JPEG)")  # fmt: skip
+    print("| weights | mode | concurrency | requests/s | p50 ms | p95 ms | mean batch |\n|---|---|---|---|---|---|---|")
+    memory = []
+    for weights in args.weights:
+        for mode_name, mode in MODES.items():
+            port = free_port()
+            server = serve(weights, mode, port)
+            url = f"http://127.0.0.1:{port}"
+            try:
+                asyncio.run(load(url, image, 16, 4))
+                before = rss_mib(server.pid)
+                for concurrency in args.concurrency:
+                    r = asyncio.run(load(url, image, args.requests, concurrency))
+                    print(f"| {Path(weights).name} | {mode_name} | {concurrency} | {r['rps']:.1f} | {r['p50']:.0f} | "
+                          f"{r['p95']:.0f} | {r['batch']:.2f} |", flush=True)  # fmt: skip
+                memory.append((Path(weights).name, mode_name, before, rss_mib(server.pid)))
+            finally:
+                server.terminate()
+                server.wait(30)
+    print("\n| weights | mode | server RSS before (MiB) | after | change |\n|---|---|---|---|---|")
+    for name, mode_name, before, after in memory:
+        print(f"| {name} | {mode_name} | {before:.0f} | {after:.0f} | {after - before:+.1f} |")
+
+
+if __name__ == "__main__":
+    main()
