@@ -36,11 +36,15 @@ def test_bench_command_writes_every_backend(tmp_path):
     result = json.loads(output.read_text())
     assert result["params"] == count_parameters(RTDETR.from_preset("rtdetr_tiny"))
     assert result["image_size"] == [96, 96] and result["batch_size"] == 1
-    assert set(result["latency"]) == {"pytorch_eager", "pytorch_deploy", "onnxruntime", "pytorch_deploy_bf16"}
+    assert set(result["latency"]) == {"pytorch_eager", "pytorch_deploy", "onnxruntime", "pytorch_deploy_bf16",
+                                      "openvino_fp32", "openvino_bf16"}  # fmt: skip
     for timing in result["latency"].values():
         assert timing["runs"] == 2 and 0 < timing["min_ms"] <= timing["median_ms"] <= timing["max_ms"]
     # deploy mode and the ONNX graph compute the same detections; bf16 is reported, not bounded
-    for backend in ("pytorch_deploy", "onnxruntime"):
+    for backend in ("pytorch_deploy", "onnxruntime", "openvino_fp32"):
         diff = result["max_diff_vs_eager"][backend]
         assert diff["scores"] <= 1e-4 and diff["boxes_normalised"] <= 1e-4, (backend, diff)
-    assert "pytorch_deploy_bf16" in result["max_diff_vs_eager"]
+    assert "pytorch_deploy_bf16" in result["max_diff_vs_eager"] and "openvino_bf16" in result["max_diff_vs_eager"]
+    # which kernels ran: OpenVINO's fp32 row in f32 (never its bf16 default), its bf16 row in bf16
+    assert result["kernels"]["openvino_fp32"].startswith("runs f32") and " bf16 " not in result["kernels"]["openvino_fp32"]
+    assert result["kernels"]["openvino_bf16"].startswith("runs bf16")
