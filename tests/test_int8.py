@@ -38,7 +38,9 @@ def test_int8_keeps_the_trained_models_ap_and_detections(int8_ir):
     assert (reference - got) * 100 <= 1.0, (reference, got)  # the gate: at most 1 AP point
     images = sorted((data / "train").glob("*.jpg"))
     found = kept = 0
-    for expected, quantized in zip(model.predict(images, score_threshold=0.4), detector.predict(images, 0.4)):
+    # PyTorch's confident detections, each found by int8 among its detections above a lower threshold (scores move
+    # a little under int8: one at 0.41 may come out at 0.39)
+    for expected, quantized in zip(model.predict(images, score_threshold=0.5), detector.predict(images, 0.3)):
         found += len(expected)
         if len(expected) and len(quantized):
             same = (box_iou(expected.boxes, quantized.boxes)[0] >= 0.8) & (expected.labels[:, None] == quantized.labels)
