@@ -1,8 +1,9 @@
 """Every artifact rtdetr exports, side by side: latency (interleaved, against Hugging Face eager on the same
 weights) and the COCO AP each one keeps on a trained model.
 
+    nice -n 19 python3 benchmarks/bench_artifacts.py prepare --presets rtdetr_r18vd rtdetr_r50vd --folder /tmp/art
     flock /tmp/cpu.lock python3 benchmarks/bench_artifacts.py latency --presets rtdetr_r18vd rtdetr_r50vd \
-        --threads 2 --runs 15 --json latency.json
+        --folder /tmp/art --threads 2 --runs 15 --json latency.json
     nice -n 19 python3 benchmarks/bench_artifacts.py accuracy --weights runs/demo/train/best.pt \
         --data runs/demo/data --json accuracy.json
 
@@ -32,10 +33,9 @@ from rtdetr.config import autocast
 from rtdetr.data.images import to_model_input
 from rtdetr.engine.evaluation import evaluate
 from rtdetr.export.onnx import EndToEndDetector, deployed_copy, export_onnx, matched_max_diff, sample_image
-from rtdetr.export.openvino import compile_ir, export_openvino, kernel_summary, run_compiled, runtime_precision
+from rtdetr.export.openvino import export_openvino, kernel_summary, runtime_precision
 from rtdetr.export.quantize import SPLITS, export_int8
 from rtdetr.inference.benchmark import count_flops, count_parameters, onednn_kernels, time_interleaved
-from rtdetr.inference.onnxruntime import OnnxDetector
 
 OPENVINO_PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -75,9 +75,33 @@ def accuracy(args: argparse.Namespace) -> dict[str, Any]:
     return {"weights": str(args.weights), "data": str(args.data), "image_size": list(size), "AP": results}
 
 
-def latency_backends(model: RTDETR, folder: Path, size: tuple[int, int]) -> tuple[dict[str, Callable], dict[str, str]]:
-    """name -> fn(images, sizes) -> (labels, boxes, scores) for every backend; and the kernels each ran."""
-    calibration = [torch.rand(3, *size, generator=torch.Generator().manual_seed(i)) for i in range(32)]
+def random_model(preset: str, size: int) -> tuple[RTDETR, torch.Tensor, torch.Tensor]:
+    """`preset` with random weights that behave like trained ones (as bench_cpu.py), and the sample image."""
+    torch.manual_seed(0)
+    image, (width, height) = to_model_input(sample_image(), (size, size))
+    x, sizes = image[None], torch.tensor([[width, height]])
+    model = RTDETR.from_preset(preset).eval()
+    generic_heads(model)
+    calibrate_norms(model, x)
+    return model, x, sizes
+
+
+def prepare(args: argparse.Namespace) -> None:
+    """Write every preset's weights and artifacts under --folder (slow, not timed: run it niced)."""
+    for preset in args.presets:
+        model, _, _ = random_model(preset, args.size)
+        folder = Path(args.folder) / preset
+        folder.mkdir(parents=True, exist_ok=True)
+        model.save(folder / "weights.pt")
+        calibration = [torch.rand(3, args.size, args.size, generator=torch.Generator().manual_seed(i))
+                       for i in range(32)]  # fmt: skip
+        export_all(model, folder, (args.size, args.size), calibration)
+        print(f"prepared {folder}", flush=True)
+
+
+def latency_backends(model: RTDETR, folder: Path) -> tuple[dict[str, Callable], dict[str, str]]:
+    """name -> fn(images, sizes) -> (labels, boxes, scores) for every backend (the artifacts `prepare` wrote
+    under `folder`); and the kernels each OpenVINO row ran."""
     deployed = EndToEndDetector(deployed_copy(model)).eval()
     backends: dict[str, Callable] = {
         "hf_eager": HFDetector(hf_twin(model)).eval(),
@@ -86,20 +110,24 @@ def latency_backends(model: RTDETR, folder: Path, size: tuple[int, int]) -> tupl
         "pytorch_deploy_bf16": lambda x, s: tuple(t.float() for t in _autocast(deployed, x, s)),
     }
     kernels = {}
-    for name, path in export_all(model, folder, size, calibration).items():
-        if name.startswith("onnxruntime"):
-            session = OnnxDetector(path).session
-            backends[name] = lambda x, s, session=session: tuple(
-                torch.from_numpy(a) for a in session.run(None, {"images": x.numpy(), "orig_target_sizes": s.numpy()})
-            )
-            continue
+    for name, path in artifact_paths(folder).items():
         detector = load_detector(path)
-        compiled = compile_ir(detector.model, detector.precision)
+        if name.startswith("onnxruntime"):
+            backends[name] = detector.run
+            continue
+        compiled = detector.compiled_for(1)
         kernels[name] = f"runs {runtime_precision(compiled)}: {kernel_summary(compiled)}"
-        backends[name] = lambda x, s, compiled=compiled: tuple(
-            torch.from_numpy(a) for a in run_compiled(compiled, {"images": x.numpy(), "orig_target_sizes": s.numpy()})
-        )
+        backends[name] = detector.run
     return backends, kernels
+
+
+def artifact_paths(folder: Path) -> dict[str, Path]:
+    """The names `export_all` gives the artifacts in `folder`."""
+    paths = {"onnxruntime_fp32": folder / "fp32.onnx"}
+    paths.update({f"openvino_{p}": folder / f"ov_{p}" for p in OPENVINO_PRECISIONS})
+    paths.update({f"openvino_int8_{split}": folder / f"ov_int8_{split}" for split in SPLITS})
+    paths["onnxruntime_int8_decoder-float"] = folder / "int8.onnx"
+    return paths
 
 
 def _autocast(detector: torch.nn.Module, x: torch.Tensor, s: torch.Tensor) -> Any:
@@ -108,20 +136,19 @@ def _autocast(detector: torch.nn.Module, x: torch.Tensor, s: torch.Tensor) -> An
 
 
 def latency(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every backend of each prepared preset, interleaved (run it under the CPU lock)."""
     results = []
     for preset in args.presets:
-        torch.manual_seed(0)
-        image, (width, height) = to_model_input(sample_image(), (args.size, args.size))
-        x, sizes = image[None], torch.tensor([[width, height]])
-        model = RTDETR.from_preset(preset).eval()
-        generic_heads(model)
-        calibrate_norms(model, x)
-        with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
-            backends, kernels = latency_backends(model, Path(tmp), (args.size, args.size))
+        folder = Path(args.folder) / preset
+        _, x, sizes = random_model(preset, args.size)
+        model = RTDETR.from_checkpoint(folder / "weights.pt")
+        with torch.inference_mode():
+            backends, kernels = latency_backends(model, folder)
             kernels["pytorch_deploy"] = onednn_kernels(lambda: backends["pytorch_deploy"](x, sizes))
             kernels["pytorch_deploy_bf16"] = onednn_kernels(lambda: backends["pytorch_deploy_bf16"](x, sizes))
             reference = [t[0] for t in backends["pytorch_eager"](x, sizes)]
-            diffs = {name: matched_max_diff(reference, [t[0] for t in fn(x, sizes)], float(max(width, height)))
+            scale = float(sizes.max())
+            diffs = {name: matched_max_diff(reference, [t[0] for t in fn(x, sizes)], scale)
                      for name, fn in backends.items()}  # fmt: skip
             timings = time_interleaved({n: (lambda fn=fn: fn(x, sizes)) for n, fn in backends.items()}, args.runs,
                                        args.warmup)  # fmt: skip
@@ -151,21 +178,27 @@ def print_latency(r: dict[str, Any]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
-    lat = sub.add_parser("latency")
-    lat.add_argument("--presets", nargs="+", default=["rtdetr_r18vd", "rtdetr_r50vd"])
-    lat.add_argument("--size", type=int, default=640)
+    prep = sub.add_parser("prepare", help="write the random-weight models and their artifacts (slow, not timed)")
+    lat = sub.add_parser("latency", help="time what `prepare` wrote, interleaved")
+    for p in (prep, lat):
+        p.add_argument("--presets", nargs="+", default=["rtdetr_r18vd", "rtdetr_r50vd"])
+        p.add_argument("--size", type=int, default=640)
+        p.add_argument("--folder", required=True, help="where `prepare` writes and `latency` reads the artifacts")
     lat.add_argument("--runs", type=int, default=10)
     lat.add_argument("--warmup", type=int, default=2)
-    acc = sub.add_parser("accuracy")
+    acc = sub.add_parser("accuracy", help="AP of a trained checkpoint's artifacts")
     acc.add_argument("--weights", required=True)
     acc.add_argument("--data", required=True)
-    for p in (lat, acc):
+    for p in (prep, lat, acc):
         p.add_argument("--threads", type=int, help="threads for every runtime (default: torch's)")
         p.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(json.dumps(machine()))
+    if args.what == "prepare":
+        prepare(args)
+        return
     result = latency(args) if args.what == "latency" else accuracy(args)
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine(), "result": result}, indent=1, default=float))
