@@ -43,7 +43,7 @@ def add_amp(p: argparse.ArgumentParser) -> None:
 def add_model_arguments(p: argparse.ArgumentParser, onnx: bool = False) -> None:
     """--weights, --preset and --decoder-layers: the model a verb runs."""
     p.add_argument("--weights", help="our checkpoint, an official .pth or a Hugging Face folder"
-                   + (", or an exported .onnx" if onnx else ""))  # fmt: skip
+                   + (", or an exported .onnx / OpenVINO IR (a folder with model.xml)" if onnx else ""))  # fmt: skip
     p.add_argument("--preset", default="rtdetr_r18vd", choices=sorted(PRESETS),
                    help="with RANDOM weights, when no --weights (default: %(default)s)")  # fmt: skip
     p.add_argument("--decoder-layers", type=int, metavar="K",
