@@ -1,6 +1,7 @@
 """The interface every inference backend offers: `predict` as `RTDETR.predict` defines it.
 
-Backends: `rtdetr.RTDETR` (PyTorch, any device) and `inference.onnxruntime.OnnxDetector` (an exported graph).
+Backends: `rtdetr.RTDETR` (PyTorch, any device), `inference.onnxruntime.OnnxDetector` (an exported .onnx graph)
+and `inference.openvino.OpenVinoDetector` (an exported OpenVINO IR).
 `rtdetr.load_detector(weights)` picks one from the weights file.
 """
 
