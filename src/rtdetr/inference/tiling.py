@@ -10,7 +10,7 @@ borders with supervision's NMS (or non-maximum merging) under intersection-over-
 tile edge yields a partial box that lies inside the whole box of the tile that sees it entirely, so the two
 overlap by ~1 by that measure while their IoU can be 0.5 or less. NMS is the default because RT-DETR reports
 its near-duplicate queries at low scores: merging (SAHI's default, for NMS-ed YOLO outputs) averages their
-boxes and scores into the object's (AP 0.29 against 0.45 with NMS on the benchmark, benchmarks/RESULTS.md).
+boxes and scores into the object's (AP 0.22 against 0.35 with NMS in benchmarks/bench_tiling.py).
 """
 
 from __future__ import annotations
