@@ -44,10 +44,13 @@ def mosaic_set(count: int, columns: int, rows: int, seed: int) -> tuple[list, di
                 canvas.paste(cell, (column * CELL, row * CELL))
                 for name, (x0, y0, x1, y1) in objects:
                     box = [x0 + column * CELL, y0 + row * CELL, x1 - x0, y1 - y0]
-                    annotations.append({"id": len(annotations) + 1, "image_id": image_id, "bbox": box, "iscrowd": 0,
-                                        "category_id": SHAPE_CLASSES.index(name) + 1, "area": box[2] * box[3]})  # fmt: skip
+                    annotations.append({
+                        "id": len(annotations) + 1, "image_id": image_id, "bbox": box, "iscrowd": 0,
+                        "category_id": SHAPE_CLASSES.index(name) + 1, "area": box[2] * box[3],
+                    })  # fmt: skip
         images.append(canvas)
-    info = [{"id": i + 1, "width": im.width, "height": im.height, "file_name": f"{i + 1}.png"} for i, im in enumerate(images)]
+    info = [{"id": i, "width": im.width, "height": im.height, "file_name": f"{i}.png"}
+            for i, im in enumerate(images, 1)]  # fmt: skip
     return images, {"images": info, "annotations": annotations, "categories": categories}
 
 
@@ -60,7 +63,8 @@ def measure(model: RTDETR, images: list, truth: dict, **predict_options) -> dict
     evaluator.update(list(range(1, len(images) + 1)), detections)
     metrics = evaluator.summarize()
     return {"AP": metrics["AP"], "AP50": metrics["AP50"], "APs": metrics["APs"], "AR100": metrics["AR100"],
-            "ms_per_image": seconds * 1000, "detections_per_image": sum(map(len, detections)) / len(images)}  # fmt: skip
+            "ms_per_image": seconds * 1000,
+            "detections_per_image": sum(map(len, detections)) / len(images)}  # fmt: skip
 
 
 def main() -> None:

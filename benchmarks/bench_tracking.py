@@ -52,9 +52,12 @@ def write_video(path: Path, frames: int, objects: int, seed: int) -> dict[int, d
     for _ in range(objects):
         radius, angle = rng.uniform(12, 22), rng.uniform(0, 2 * math.pi)
         speed = rng.uniform(2, 5)
-        movers.append({"kind": rng.choice(("circle", "square")), "r": radius, "speed": (speed * math.cos(angle),
-                       speed * math.sin(angle)), "xy": [rng.uniform(radius, SIZE[0] - radius),
-                       rng.uniform(radius, SIZE[1] - radius)], "color": tuple(rng.randint(0, 255) for _ in range(3))})  # fmt: skip
+        movers.append({
+            "kind": rng.choice(("circle", "square")), "r": radius,
+            "speed": (speed * math.cos(angle), speed * math.sin(angle)),
+            "xy": [rng.uniform(radius, SIZE[0] - radius), rng.uniform(radius, SIZE[1] - radius)],
+            "color": tuple(rng.randint(0, 255) for _ in range(3)),
+        })  # fmt: skip
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 30.0, SIZE)
     truth: dict[int, dict[int, list[float]]] = {}
     for frame in range(1, frames + 1):
@@ -87,7 +90,7 @@ def mot_metrics(truth: dict[int, dict[int, list[float]]], mot_file: Path) -> dic
         distances = 1 - box_iou(torch.tensor(list(objects.values()), dtype=torch.float64), xyxy).numpy()
         distances[distances > 0.5] = np.nan
         accumulator.update(list(objects), found.index.get_level_values(-1).tolist(), distances, frameid=frame)
-    names = ["mota", "idf1", "num_switches", "num_false_positives", "num_misses", "num_unique_objects", "mostly_tracked"]
+    names = ["mota", "idf1", "num_switches", "num_false_positives", "num_misses"]
     summary = mm.metrics.create().compute(accumulator, metrics=names)
     return {name: float(summary[name].iloc[0]) for name in names}
 

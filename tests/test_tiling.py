@@ -113,7 +113,8 @@ def test_predict_cli_tile_flags(tmp_path, monkeypatch):
     monkeypatch.setattr(rtdetr.cli.predict, "load_detector", lambda *args, **kwargs: detector)
     scene((RED, RED_BOX), (BLUE, BLUE_BOX)).save(tmp_path / "big.png")
     output = tmp_path / "out"
-    assert main(["predict", str(tmp_path / "big.png"), "--tile", "200", "--overlap", "0.25", "--output", str(output)]) == 0
+    arguments = ["predict", str(tmp_path / "big.png"), "--tile", "200", "--overlap", "0.25", "--output", str(output)]
+    assert main(arguments) == 0
     (record,) = json.loads((output / "predictions.json").read_text())["images"]
     assert sorted(d["box_xyxy"] for d in record["detections"]) == [list(BLUE_BOX), list(RED_BOX)]
     assert detector.calls == 6

@@ -45,6 +45,6 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-upload-mb", type=float, default=defaults.max_upload_bytes / 2**20,
                    help="the largest request body (default: %(default)s MiB)")  # fmt: skip
     p.add_argument("--max-pixels", type=int, default=defaults.max_pixels,
-                   help="the largest image, width x height, checked before decoding (default: %(default)s)")  # fmt: skip
+                   help="the largest image (width x height), checked before decoding (default: %(default)s)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=run)

@@ -179,13 +179,13 @@ async def read_upload(request: Request, limit: int) -> tuple[bytes, str]:
     bytes (the declared Content-Length is checked before reading: the server never reads more)."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind not in ("multipart/form-data", "application/json"):
-        raise HTTPException(415, f"content type '{kind or 'none'}' is not accepted: send multipart/form-data with "
-                            "the image file in the field 'image', or application/json {\"image\": \"<base64>\"}")  # fmt: skip
+        raise HTTPException(415, f"content type '{kind or 'none'}' is not accepted: send multipart/form-data "
+                            "with the image file in the field 'image', or application/json {\"image\": \"<base64>\"}")
     length = request.headers.get("content-length")
     if length is None or not length.isdigit():
         raise HTTPException(411, "send the body with a Content-Length header (chunked uploads are not accepted)")
     if int(length) > limit:
-        raise HTTPException(413, f"the body is {int(length)} bytes; the limit is {limit} bytes ({limit / 2**20:.0f} MiB)")
+        raise HTTPException(413, f"the body is {int(length)} bytes; the limit is {limit} bytes ({limit / 2**20:g} MiB)")
     body = await request.body()
     if kind == "application/json":
         return _json_image(body), "the JSON image"
