@@ -10,7 +10,7 @@ objects reach 0.5-0.6 (the demo model on a generated video: 23 false detections,
 true ones in 0.5-0.6; 12 for 179 above 0.6). With ByteTrack's defaults every duplicate starts a track. So here only
 detections from 0.6 take part in the first association and tracks start from 0.7 (ByteTrack adds 0.1); every
 detection above 0.1 still reaches the second, low-score association, which extends existing tracks through
-occlusions (dropping it, with detections above 0.3 only, lost 0.05 MOTA); a track is reported after 3 consecutive
+occlusions (dropping it, with detections above 0.3 only, lost 0.03-0.07 MOTA); a track is reported after 3 consecutive
 frames (a duplicate rarely lasts that long). Chosen on one generated video, measured on another
 (benchmarks/bench_tracking.py): MOTA 0.76, IDF1 0.73, 6 id switches, against 0.41 / 0.50 / 30 with ByteTrack's
 defaults on the same detections (0.61 / 0.47 / 20 with those defaults on detections above 0.5, as YOLO setups run
