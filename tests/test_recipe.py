@@ -232,3 +232,24 @@ def test_auto_decays_the_lr_only_in_runs_long_enough_to_converge():
     short = resolve({"epochs": 79}, facts()).config  # 9875 steps
     assert short.lr_schedule == "constant"
     assert resolve({"epochs": 80}, facts()).config.lr_schedule == "flat-cosine"  # 10000 steps
+
+
+@pytest.mark.parametrize(
+    "explicit, run, amp",
+    [
+        ({}, dict(native_bf16=True), "bf16"),  # a CPU with AVX512-BF16 / AMX
+        ({}, dict(native_bf16=False), "off"),  # emulated bf16 is slower than fp32
+        ({}, dict(device_type="cuda", native_bf16=True), "off"),  # not measured on GPUs
+        ({"amp": "off"}, dict(native_bf16=True), "off"),  # the user wins
+        ({"amp": "bf16"}, dict(native_bf16=False), "bf16"),
+        ({"recipe": "official"}, dict(native_bf16=True), "off"),  # the official fp32 numbers
+    ],
+)
+def test_auto_trains_in_bf16_only_where_the_cpu_has_bf16_instructions(explicit, run, amp):
+    from rtdetr.engine.recipe import training_amp
+
+    resolution = resolve(explicit, facts(**run))
+    assert resolution.config.amp == amp
+    assert training_amp(explicit, facts(**run)) == amp  # what the budget's probe steps are timed with
+    if "amp" in explicit:
+        assert resolution.reasons["amp"] == SET_BY_YOU

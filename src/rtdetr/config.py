@@ -142,6 +142,16 @@ def check_input_size(image_size: tuple[int, int], num_queries: int) -> None:
 AMP_MODES = ("off", "bf16", "fp16")
 
 
+def native_bf16(device: torch.device | str) -> bool:
+    """Whether bf16 runs in hardware on `device`: CUDA with bf16 support, or a CPU with AVX512-BF16 or AMX-BF16.
+    Elsewhere oneDNN emulates bf16 with fp32 instructions plus conversions, slower than fp32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    capabilities = torch.cpu.get_capabilities() if device.type == "cpu" else {}
+    return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+
+
 def autocast(device: torch.device | str, amp: str) -> AbstractContextManager:
     """The forward-pass autocast context of an `amp` mode ('off', 'bf16', 'fp16'), for training and inference."""
     if amp not in AMP_MODES:

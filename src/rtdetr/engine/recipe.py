@@ -85,6 +85,8 @@ CLEAN_EPOCH_SHARE = 20  # ...and end with ceil(epochs / 20) epochs without it
 MULTISCALE_STEPS = 50_000
 EVALUATIONS, EVAL_BUDGET_SHARE = 15, 0.1  # ~15 evaluations, at most 10% of a time budget
 FLAT_FRACTION, MIN_LR_RATIO = 0.5, 0.05
+BF16_STEP_SPEEDUP = "steps 1.45x faster (rtdetr_tiny, 320 px, AMD EPYC Zen 4 AVX512-BF16: 0.554 s vs 0.800)"
+BF16_AP = "AP no lower: demo data, 1000 steps, AP 0.518 / AP50 0.680 in bf16 vs 0.473 / 0.611 in fp32"
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,7 @@ class RunFacts:
     device_type: str = "cpu"
     cpu_cores: int = 1
     discrete_sampling: bool = False  # the model samples with cross_attn_method 'discrete' (v2 dsp)
+    native_bf16: bool = False  # the device runs bf16 in hardware (`config.native_bf16`)
 
     def __post_init__(self) -> None:
         if self.variant not in V2_RECIPES:
@@ -286,6 +289,7 @@ def _auto(c: _Choices, facts: RunFacts) -> tuple[int, int]:
     c.choose("flat_fraction", FLAT_FRACTION, "half the run at the full lr (DEIM: flat until 4 + epochs / 2)")
     c.choose("min_lr_ratio", MIN_LR_RATIO, "a low final lr (DEIM ends at 0.5x, Ultralytics at 0.01x)")
     c.choose("patience", 0, "off: the end of the decay brings gains an early stop would cut")
+    c.choose("amp", *_auto_amp(facts))
     return total, cap
 
 
@@ -320,6 +324,24 @@ def _fit_budget(c: _Choices, facts: RunFacts, eval_every: int, cap: int) -> int:
     """The steps that fit the time budget with the periodic evaluations (the final one follows it)."""
     seconds = 60.0 * c.get("time_minutes")
     return steps_that_fit(seconds, 0, facts.seconds_per_step, facts.eval_seconds, eval_every, cap)
+
+
+def training_amp(explicit: dict[str, Any], facts: RunFacts) -> str:
+    """The amp mode `resolve(explicit, facts)` will choose: the probe steps that time a budgeted run need it."""
+    if "amp" in explicit:
+        return explicit["amp"]
+    return _auto_amp(facts)[0] if explicit.get("recipe", TrainConfig.recipe) == "auto" else TrainConfig.amp
+
+
+def _auto_amp(facts: RunFacts) -> tuple[str, str]:
+    if facts.device_type != "cpu":
+        return "off", "fp32 (bf16 / fp16 training not measured on GPUs here; set amp to use them)"
+    if not facts.native_bf16:
+        return "off", "fp32: this CPU has no bf16 instructions (AVX512-BF16 or AMX), and emulated bf16 is slower"
+    return "bf16", (
+        f"this CPU has bf16 instructions: bf16 autocast (loss and matching in fp32) {BF16_STEP_SPEEDUP}; "
+        f"{BF16_AP}"
+    )
 
 
 def _auto_lr(facts: RunFacts, batch_size: int) -> tuple[float, str]:

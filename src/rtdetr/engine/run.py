@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from ..config import ModelConfig, TrainConfig, check_overrides, preset
+from ..config import ModelConfig, TrainConfig, check_overrides, native_bf16, preset
 from ..data.coco import CocoDetection
 from ..data.datasets import open_split
 from ..data.validate import check_data, check_dataset, format_reports
@@ -29,7 +29,7 @@ from ..models.rtdetr import RTDETRModel
 from ..weights.checkpoint import torch_load
 from ..weights.loading import fit_state_dict, read_weights
 from .distributed import Rank, cleanup_distributed, init_distributed
-from .recipe import Resolution, RunFacts, official_variant, resolve
+from .recipe import Resolution, RunFacts, official_variant, resolve, training_amp
 from .rng import rng_state, seed_everything, set_rng_state
 from .schedule import TimeBudget, guess_eval_seconds
 from .loaders import steps_per_epoch
@@ -218,14 +218,17 @@ def resolve_recipe(
     the seconds per step are measured first on a few probe steps (`probe_seconds_per_step`)."""
     base = TrainConfig(**explicit)
     per_epoch = steps_per_epoch(len(train_set), base, process.world_size, train_set.ann_file)
-    seconds = probe_seconds_per_step(network, base, train_set, val_set, process) if base.time_minutes > 0 else 0.0
     facts = RunFacts(
         official_variant(network.config), sum(p.numel() for p in network.parameters() if p.requires_grad),
         tuple(network.config.image_size), len(train_set), per_epoch, pretrained=pretrained,
-        seconds_per_step=seconds, eval_seconds=guess_eval_seconds(len(val_set), base.batch_size, seconds),
         device_type=process.device.type, cpu_cores=os.cpu_count() or 1,
-        discrete_sampling=network.config.cross_attn_method == "discrete",
+        discrete_sampling=network.config.cross_attn_method == "discrete", native_bf16=native_bf16(process.device),
     )  # fmt: skip
+    if base.time_minutes > 0:
+        probe_config = base.replace(amp=training_amp(explicit, facts))
+        seconds = probe_seconds_per_step(network, probe_config, train_set, val_set, process)
+        eval_seconds = guess_eval_seconds(len(val_set), base.batch_size, seconds)
+        facts = dataclasses.replace(facts, seconds_per_step=seconds, eval_seconds=eval_seconds)
     return resolve(explicit, facts)
 
 
