@@ -6,9 +6,10 @@ dynamic batching against one request per model call, and the server's memory bef
 
 Per weights file (PyTorch `.pt`, ONNX Runtime `.onnx`) and per mode (`--max-batch 8 --max-wait-ms 10`, the
 defaults, or `--max-batch 1`), one server process (`python3 -m rtdetr.cli serve ... --log-level warning`) on a free
-port: 16 warm-up requests at concurrency 4, its RSS (/proc/PID/status VmRSS), then `--requests` requests at each
-concurrency (`--concurrency`; an asyncio httpx client in this process, so client and server share the CPU), then
-its RSS again. Each request uploads the bundled sample image (640x480 JPEG, multipart). Latency: from sending to
+port: 64 warm-up requests at the highest concurrency (the largest batches and the most decoding threads allocate
+their memory there), its RSS (/proc/PID/status VmRSS), then `--requests` requests at each concurrency
+(`--concurrency`; an asyncio httpx client in this process, so client and server share the CPU) and its RSS after
+each level. Each request uploads the bundled sample image (640x480 JPEG, multipart). Latency: from sending to
 the full answer, per request; throughput: requests / wall-clock of the level. Every answer must be a 200.
 """
 
@@ -103,19 +104,22 @@ def main() -> None:
             server = serve(weights, mode, port)
             url = f"http://127.0.0.1:{port}"
             try:
-                asyncio.run(load(url, image, 16, 4))
-                before = rss_mib(server.pid)
+                asyncio.run(load(url, image, 64, max(args.concurrency)))
+                rss = [rss_mib(server.pid)]
                 for concurrency in args.concurrency:
                     r = asyncio.run(load(url, image, args.requests, concurrency))
+                    rss.append(rss_mib(server.pid))
                     print(f"| {Path(weights).name} | {mode_name} | {concurrency} | {r['rps']:.1f} | {r['p50']:.0f} | "
                           f"{r['p95']:.0f} | {r['batch']:.2f} |", flush=True)  # fmt: skip
-                memory.append((Path(weights).name, mode_name, before, rss_mib(server.pid)))
+                memory.append((Path(weights).name, mode_name, rss))
             finally:
                 server.terminate()
                 server.wait(30)
-    print("\n| weights | mode | server RSS before (MiB) | after | change |\n|---|---|---|---|---|")
-    for name, mode_name, before, after in memory:
-        print(f"| {name} | {mode_name} | {before:.0f} | {after:.0f} | {after - before:+.1f} |")
+    levels = " | ".join(f"after c={c}" for c in args.concurrency)
+    print(f"\n| weights | mode | server RSS (MiB) after warm-up | {levels} | change |")
+    print("|---|---|---|" + "---|" * (len(args.concurrency) + 1))
+    for name, mode_name, rss in memory:
+        print(f"| {name} | {mode_name} | " + " | ".join(f"{v:.0f}" for v in rss) + f" | {rss[-1] - rss[0]:+.1f} |")
 
 
 if __name__ == "__main__":
