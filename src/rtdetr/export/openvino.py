@@ -25,6 +25,7 @@ Converting the PyTorch module directly (`ov.convert_model(module)`) gave the sam
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import tempfile
 from pathlib import Path
@@ -101,6 +102,13 @@ def export_openvino(
     return path
 
 
+@functools.cache
+def openvino_core() -> ov.Core:
+    """The one OpenVINO Core of the process: each Core loads its own CPU plugin with its own thread pools, and
+    many of them in one process (one per exported model) crashed it (SIGSEGV) in later, unrelated work."""
+    return ov.Core()
+
+
 def ir_path(path: str | Path) -> Path:
     """The model.xml of an IR folder, or `path` itself if it is an .xml file. Errors name the path."""
     path = Path(path)
@@ -121,7 +129,7 @@ def is_openvino(path: str | Path) -> bool:
 def read_ir_metadata(path: str | Path) -> dict[str, str]:
     """The rtdetr metadata of an IR (as `export_metadata` plus precision, inference and quantization)."""
     xml = ir_path(path)
-    converted = ov.Core().read_model(str(xml))
+    converted = openvino_core().read_model(str(xml))
     if not converted.has_rt_info([METADATA_KEY, "precision"]):
         raise ValueError(f"{xml} has no rtdetr metadata: export it with `rtdetr export --format openvino`")
     section = converted.get_rt_info()[METADATA_KEY]
@@ -139,7 +147,7 @@ def compile_ir(
     the inference precision of `precision` (`INFERENCE_HINT`) and `threads` (default: as many as torch uses)."""
     if device != "cpu":
         raise ValueError(f"device {device}: the OpenVINO backend runs on 'cpu' (export ONNX for CUDA)")
-    core = ov.Core()
+    core = openvino_core()
     converted = core.read_model(str(ir_path(source))) if isinstance(source, (str, Path)) else source.clone()
     height, width = converted.inputs[0].get_partial_shape()[2:].to_shape()
     converted.reshape({INPUT_NAMES[0]: [batch_size, 3, height, width], INPUT_NAMES[1]: [batch_size, 2]})

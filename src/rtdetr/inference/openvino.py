@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..data.images import ImageInput, model_input_batches
-from ..export.openvino import compile_ir, ir_path, read_ir_metadata, run_compiled
+from ..export.openvino import compile_ir, ir_path, openvino_core, read_ir_metadata, run_compiled
 from ..postprocess import Detections, select_detections
 
 
@@ -34,7 +34,7 @@ class OpenVinoDetector:
         self.image_size: tuple[int, int] = tuple(json.loads(self.metadata["image_size"]))  # type: ignore[assignment]
         self.precision = self.metadata["precision"]
         self.device, self.threads = device, threads
-        self.model = ov.Core().read_model(str(self.path))
+        self.model = openvino_core().read_model(str(self.path))
         self.compiled: dict[int, ov.CompiledModel] = {}
 
     def compiled_for(self, batch_size: int) -> ov.CompiledModel:
