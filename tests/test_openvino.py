@@ -18,7 +18,7 @@ from rtdetr.export.onnx import EndToEndDetector, ExportCheckError, matched_max_d
 from rtdetr.export.openvino import (
     check_openvino, compile_ir, export_openvino, read_ir_metadata, run_compiled, runtime_precision,
 )  # fmt: skip
-from rtdetr.inference.benchmark import native_bf16
+from rtdetr.config import native_bf16
 from rtdetr.inference.openvino import OpenVinoDetector
 
 TOLERANCE = 1e-4  # scores absolute; boxes normalised by the image size (as the ONNX export)

@@ -10,12 +10,12 @@ from pathlib import Path
 import torch
 
 from ..api import load_detector
-from ..config import AMP_MODES, ModelConfig
+from ..config import AMP_MODES, ModelConfig, native_bf16
 from ..engine.evaluation import evaluate
 from ..export.openvino import is_openvino
 from ..export.quantize import DEFAULT_SPLIT, SPLITS
 from ..inference.benchmark import (
-    FLOPS_NOTE, benchmark_model, count_flops, count_parameters, format_table, native_bf16, time_interleaved,
+    FLOPS_NOTE, benchmark_model, count_flops, count_parameters, format_table, time_interleaved,
 )  # fmt: skip
 from ..models.rtdetr import RTDETRModel
 from .arguments import add_device, add_image_size, add_model_arguments, resolve_device

@@ -225,15 +225,6 @@ def onednn_kernels(fn: Callable[[], Any]) -> str:
     return ", ".join(f"{kind} {kernel} x{n}" for (kind, kernel), n in counts.most_common()) or "no oneDNN kernels"
 
 
-def native_bf16(device: str) -> bool:
-    """Whether bf16 runs in hardware on `device`: CUDA with bf16 support, or a CPU with AVX512-BF16 or AMX-BF16.
-    Elsewhere oneDNN emulates bf16 with fp32 instructions plus conversions, slower than fp32."""
-    if device.startswith("cuda"):
-        return torch.cuda.is_bf16_supported()
-    capabilities = torch.cpu.get_capabilities()
-    return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
-
-
 def run_autocast(detector: nn.Module, images: torch.Tensor, sizes: torch.Tensor, amp: str) -> Any:
     with autocast(images.device, amp):
         return detector(images, sizes)
