@@ -7,10 +7,13 @@ and `inference.openvino.OpenVinoDetector` (an exported OpenVINO IR).
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from pathlib import Path
+from typing import Callable, Protocol, Sequence
 
-from ..data.images import ImageInput
-from ..postprocess import Detections
+from torch import Tensor
+
+from ..data.images import ImageInput, model_input_batches
+from ..postprocess import Detections, select_detections
 
 
 class Detector(Protocol):
@@ -29,3 +32,22 @@ class Detector(Protocol):
         max_detections: int = 300,
         amp: str = "off",
     ) -> list[Detections]: ...
+
+
+def predict_exported(
+    run: Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]], path: Path, exported_size: tuple[int, int],
+    images: ImageInput | Sequence[ImageInput], image_size: tuple[int, int] | None, batch_size: int,
+    category_ids: list[int], class_names: list[str], score_threshold: float, max_detections: int,
+) -> list[Detections]:  # fmt: skip
+    """`Detector.predict` of an exported graph (ONNX Runtime, OpenVINO): `run(images, orig_sizes) -> labels,
+    boxes, scores` on batches of at most `batch_size` images at the one size the graph was exported for."""
+    if image_size is not None and tuple(image_size) != exported_size:
+        raise ValueError(
+            f"{path} was exported for {exported_size[0]}x{exported_size[1]} inputs, not "
+            f"{image_size[0]}x{image_size[1]}: export again with that --img-size"
+        )
+    results: list[Detections] = []
+    for batch, orig_sizes in model_input_batches(images, exported_size, batch_size):
+        labels, boxes, scores = run(batch, orig_sizes)
+        results += select_detections(labels, boxes, scores, category_ids, class_names, score_threshold, max_detections)
+    return results

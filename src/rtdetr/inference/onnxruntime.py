@@ -15,9 +15,10 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ..data.images import ImageInput, model_input_batches
+from ..data.images import ImageInput
 from ..export.onnx import INPUT_NAMES, OUTPUT_NAMES, onnx_session
-from ..postprocess import Detections, select_detections
+from ..postprocess import Detections
+from .detector import predict_exported
 
 
 class OnnxDetector:
@@ -60,16 +61,6 @@ class OnnxDetector:
         `amp` only 'off' (the graph's precision is fixed at export)."""
         if amp != "off":
             raise ValueError(f"{self.path}: amp={amp!r} applies to PyTorch weights; an ONNX graph runs as exported")
-        if image_size is not None and tuple(image_size) != self.image_size:
-            raise ValueError(
-                f"{self.path} was exported for {self.image_size[0]}x{self.image_size[1]} inputs, not "
-                f"{image_size[0]}x{image_size[1]}: export again with that --img-size"
-            )
         step = min(batch_size, self.max_batch or batch_size)
-        results: list[Detections] = []
-        for batch, orig_sizes in model_input_batches(images, self.image_size, step):
-            labels, boxes, scores = self.run(batch, orig_sizes)
-            results += select_detections(
-                labels, boxes, scores, self.category_ids, self.class_names, score_threshold, max_detections
-            )
-        return results
+        return predict_exported(self.run, self.path, self.image_size, images, image_size, step,
+                                self.category_ids, self.class_names, score_threshold, max_detections)  # fmt: skip

@@ -17,9 +17,10 @@ import openvino as ov
 import torch
 from torch import Tensor
 
-from ..data.images import ImageInput, model_input_batches
+from ..data.images import ImageInput
 from ..export.openvino import compile_ir, ir_path, openvino_core, read_ir_metadata, run_compiled
-from ..postprocess import Detections, select_detections
+from ..postprocess import Detections
+from .detector import predict_exported
 
 
 class OpenVinoDetector:
@@ -62,15 +63,5 @@ class OpenVinoDetector:
         if amp != "off":
             raise ValueError(f"{self.path}: amp={amp!r} applies to PyTorch weights; this IR runs {self.precision} "
                              "(export again with --precision to change it)")  # fmt: skip
-        if image_size is not None and tuple(image_size) != self.image_size:
-            raise ValueError(
-                f"{self.path} was exported for {self.image_size[0]}x{self.image_size[1]} inputs, not "
-                f"{image_size[0]}x{image_size[1]}: export again with that --img-size"
-            )
-        results: list[Detections] = []
-        for batch, orig_sizes in model_input_batches(images, self.image_size, batch_size):
-            labels, boxes, scores = self.run(batch, orig_sizes)
-            results += select_detections(
-                labels, boxes, scores, self.category_ids, self.class_names, score_threshold, max_detections
-            )
-        return results
+        return predict_exported(self.run, self.path, self.image_size, images, image_size, batch_size,
+                                self.category_ids, self.class_names, score_threshold, max_detections)  # fmt: skip
