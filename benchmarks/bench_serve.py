@@ -2,15 +2,19 @@
 dynamic batching against one request per model call, and the server's memory before and after.
 
     rtdetr demo --output runs/demo && rtdetr export --weights runs/demo/train/best.pt --output runs/demo/model.onnx
-    flock /tmp/cpu.lock python3 benchmarks/bench_serve.py --weights runs/demo/train/best.pt runs/demo/model.onnx
+    rtdetr export --weights runs/demo/train/best.pt --format openvino --output runs/demo/model_ov
+    flock /tmp/cpu.lock python3 benchmarks/bench_serve.py --weights runs/demo/train/best.pt runs/demo/model.onnx \
+        runs/demo/model_ov/model.xml
 
-Per weights file (PyTorch `.pt`, ONNX Runtime `.onnx`) and per mode (`--max-batch 8 --max-wait-ms 10`, the
-defaults, or `--max-batch 1`), one server process (`python3 -m rtdetr.cli serve ... --log-level warning`) on a free
-port: 64 warm-up requests at the highest concurrency (the largest batches and the most decoding threads allocate
-their memory there), its RSS (/proc/PID/status VmRSS), then `--requests` requests at each concurrency
-(`--concurrency`; an asyncio httpx client in this process, so client and server share the CPU) and its RSS after
-each level. Each request uploads the bundled sample image (640x480 JPEG, multipart). Latency: from sending to
-the full answer, per request; throughput: requests / wall-clock of the level. Every answer must be a 200.
+Per weights file (PyTorch `.pt`, ONNX Runtime `.onnx`, OpenVINO IR `.xml` or its folder) and per mode
+(`--max-batch 8 --max-wait-ms 10`, the defaults, or `--max-batch 1`), one server process (`python3 -m rtdetr.cli
+serve ... --log-level warning`) on a free port: 64 warm-up requests at each concurrency, highest first (the largest
+batches and the most decoding threads allocate their memory there, and OpenVINO compiles its graph for each batch
+size it meets: 0.3 s each for the demo model, which must not land in a measured level), its RSS (/proc/PID/status
+VmRSS), then `--requests` requests at each concurrency (`--concurrency`; an asyncio httpx client in this process, so
+client and server share the CPU) and its RSS after each level. Each request uploads the bundled sample image
+(640x480 JPEG, multipart). Latency: from sending to the full answer, per request; throughput: requests / wall-clock
+of the level. Every answer must be a 200.
 """
 
 from __future__ import annotations
@@ -70,6 +74,12 @@ async def load(url: str, image: bytes, requests: int, concurrency: int) -> dict[
             "batch": statistics.mean(batches)}  # fmt: skip
 
 
+def label(weights: str) -> str:
+    """The weights' file name, with its folder for an IR (every exported IR is a model.xml)."""
+    path = Path(weights)
+    return f"{path.parent.name}/{path.name}" if path.suffix.lower() == ".xml" else path.name
+
+
 def serve(weights: str, mode: list[str], port: int) -> subprocess.Popen:
     command = [sys.executable, "-m", "rtdetr.cli", "serve", "--weights", weights, "--port", str(port),
                "--device", "cpu", "--log-level", "warning", *mode]  # fmt: skip
@@ -89,7 +99,8 @@ def serve(weights: str, mode: list[str], port: int) -> subprocess.Popen:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--weights", nargs="+", required=True, help="a .pt checkpoint and/or an exported .onnx")
+    parser.add_argument("--weights", nargs="+", required=True,
+                        help="any of: a .pt checkpoint, an exported .onnx, an OpenVINO IR (.xml or its folder)")
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     args = parser.parse_args()
@@ -104,14 +115,15 @@ def main() -> None:
             server = serve(weights, mode, port)
             url = f"http://127.0.0.1:{port}"
             try:
-                asyncio.run(load(url, image, 64, max(args.concurrency)))
+                for concurrency in sorted(args.concurrency, reverse=True):
+                    asyncio.run(load(url, image, 64, concurrency))
                 rss = [rss_mib(server.pid)]
                 for concurrency in args.concurrency:
                     r = asyncio.run(load(url, image, args.requests, concurrency))
                     rss.append(rss_mib(server.pid))
-                    print(f"| {Path(weights).name} | {mode_name} | {concurrency} | {r['rps']:.1f} | {r['p50']:.0f} | "
+                    print(f"| {label(weights)} | {mode_name} | {concurrency} | {r['rps']:.1f} | {r['p50']:.0f} | "
                           f"{r['p95']:.0f} | {r['batch']:.2f} |", flush=True)  # fmt: skip
-                memory.append((Path(weights).name, mode_name, rss))
+                memory.append((label(weights), mode_name, rss))
             finally:
                 server.terminate()
                 server.wait(30)

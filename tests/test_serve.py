@@ -1,6 +1,6 @@
-"""The detection service on a free loopback port: the same detections as `predict` (PyTorch and ONNX Runtime,
-multipart and base64 JSON, concurrent requests batched), every bad request a 4xx with the server going on, a full
-queue a 503, `/v1/model` and the schema, the CLI wiring, and the web page driven in headless Chromium."""
+"""The detection service on a free loopback port: the same detections as `predict` (PyTorch, ONNX Runtime and
+OpenVINO, multipart and base64 JSON, concurrent requests batched), every bad request a 4xx with the server going on,
+a full queue a 503, `/v1/model` and the schema, the CLI wiring, and the web page driven in headless Chromium."""
 
 from __future__ import annotations
 
@@ -23,10 +23,10 @@ from helpers import png_declaring
 from PIL import Image
 from test_onnx_export import randomized_model  # the tests folder is on sys.path (pytest rootdir-relative import)
 
-from rtdetr import RTDETR
+from rtdetr import RTDETR, load_detector
 from rtdetr.cli import main
 from rtdetr.export.onnx import export_onnx, sample_image
-from rtdetr.inference.onnxruntime import OnnxDetector
+from rtdetr.export.openvino import export_openvino
 from rtdetr.postprocess import Detections
 from rtdetr.serve import ServiceSettings, create_app
 from rtdetr.viz import class_color
@@ -241,11 +241,15 @@ def test_model_info_health_and_schema(server):
     assert set(schema["components"]["schemas"]["DetectResponse"]["properties"]) >= {"detections", "image", "timing_ms"}
 
 
-def test_onnx_runtime_backend(model, images, tmp_path):
-    detector = OnnxDetector(export_onnx(model, tmp_path / "tiny.onnx", check=False))
+EXPORTS = [(export_onnx, "tiny.onnx", "onnxruntime"), (export_openvino, "tiny_ov", "openvino")]
+
+
+@pytest.mark.parametrize("export, name, backend", EXPORTS, ids=[e[2] for e in EXPORTS])
+def test_exported_backend(model, images, tmp_path, export, name, backend):
+    detector = load_detector(export(model, tmp_path / name, check=False))  # as `rtdetr serve --weights` loads it
     with live_server(create_app(detector, SETTINGS)) as url:
         info = httpx.get(f"{url}/v1/model").json()
-        assert (info["variant"], info["backend"], info["input_size"]) == ("rtdetr_tiny", "onnxruntime", [320, 320])
+        assert (info["variant"], info["backend"], info["input_size"]) == ("rtdetr_tiny", backend, [320, 320])
         response = httpx.post(f"{url}/v1/detect", params={"score_threshold": THRESHOLD}, **upload(images[0]))
         assert response.status_code == 200, response.text
         assert_same(response.json(), detector.predict(images[0], THRESHOLD)[0], Image.open(images[0]).size)
