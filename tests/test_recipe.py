@@ -146,27 +146,27 @@ def test_auto_lr_by_model_size_and_batch(params, batch, lr):
 
 def test_auto_time_budget_derived_positions():
     # 10 min at 0.5 s per step, 10 s per evaluation, 100 steps per epoch. Without evaluations 1200 steps
-    # (12 epochs) fit; 10% of the budget pays for 6 evaluations -> every round(12 / 6) = 2 epochs. Then
-    # 1100 steps fit: 550 s + 5 periodic evaluations (200 ... 1000) = 600 s; 1101 would need 600.5 s.
+    # (12 epochs) fit; 5% of the budget pays for 3 evaluations -> every round(12 / 3) = 4 epochs. Then
+    # 1160 steps fit: 580 s + 2 periodic evaluations (400, 800) = 600 s; 1161 would need 600.5 s.
     run = facts(steps_per_epoch=100, seconds_per_step=0.5, eval_seconds=10.0)
     # (a run this short keeps a constant lr; the flat-cosine positions are checked with it set)
     resolution = resolve({"recipe": "auto", "time_minutes": 10, "lr_schedule": "flat-cosine"}, run)
     config = resolution.config
-    assert (resolution.total_steps, config.epochs, config.eval_interval) == (1100, 11, 2)
-    # warmup 3% of 1100 = 33; EMA horizon <= 1100 / 16 = 68.75 -> 50 (decay 0.98)
-    assert (config.warmup_steps, config.ema_warmups, config.ema_decay) == (33, 33, pytest.approx(0.98))
+    assert (resolution.total_steps, config.epochs, config.eval_interval) == (1160, 12, 4)
+    # warmup 3% of 1160 = 34.8 -> 35; EMA horizon <= 1160 / 16 = 72.5 -> 50 (decay 0.98)
+    assert (config.warmup_steps, config.ema_warmups, config.ema_decay) == (35, 35, pytest.approx(0.98))
     plan = plan_run(config, resolution.total_steps, run.steps_per_epoch)
-    assert (plan.cosine_start, plan.stop_epoch) == (550, 0)
-    assert plan.evaluation_steps == (200, 400, 600, 800, 1000, 1100)
+    assert (plan.cosine_start, plan.stop_epoch) == (580, 0)
+    assert plan.evaluation_steps == (400, 800, 1160)
     budget = resolution.budget
-    assert (budget.eval_every, budget.max_steps, budget.planned_total(0.0, 0)) == (200, 0, 1100)
+    assert (budget.eval_every, budget.max_steps, budget.planned_total(0.0, 0)) == (400, 0, 1160)
 
 
 def test_time_budget_with_the_epochs_you_set_and_with_costly_evaluations():
     run = facts(steps_per_epoch=100, seconds_per_step=0.5, eval_seconds=10.0)
     capped = resolve({"recipe": "auto", "time_minutes": 10, "epochs": 5}, run)
     assert (capped.total_steps, capped.config.epochs, capped.budget.max_steps) == (500, 5, 500)
-    # One evaluation (100 s) is more than 10% of 600 s: only the final one; all 1200 steps fit.
+    # One evaluation (100 s) is more than 5% of 600 s: only the final one; all 1200 steps fit.
     costly = resolve({"recipe": "auto", "time_minutes": 10}, dataclasses.replace(run, eval_seconds=100.0))
     assert (costly.total_steps, costly.config.epochs, costly.config.eval_interval) == (1200, 12, 12)
     # The official recipe keeps its 72 epochs as the cap; the budget only ends the run earlier.

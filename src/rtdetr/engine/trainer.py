@@ -74,6 +74,10 @@ class Trainer:
         self.train_set, self.val_set = train_set, val_set
         self.output = Path(config.output)
         self.model = model.to(process.device)
+        # Channels-last on CPU: oneDNN's convolutions (backward too) run faster NHWC. rtdetr_tiny, batch 16, AMD EPYC
+        # Zen 3 (AVX2): 0.913 -> 0.798 s per step at 320 px, 0.310 -> 0.292 s at 160 px (medians, interleaved).
+        self.memory_format = torch.channels_last if process.device.type == "cpu" else torch.preserve_format
+        self.model.to(memory_format=self.memory_format)
         self.criterion = RTDETRCriterion(model.config.num_classes, boxes_weight_format=config.boxes_weight_format,
                                          share_matched_indices=config.share_matched_indices)
         self.class_names, self.category_ids = train_set.class_names, train_set.category_ids
@@ -234,7 +238,7 @@ class Trainer:
         device = self.process.device
         for micro_step in range(self.accumulation):
             images, targets = next(batches)
-            images = images.to(device, non_blocking=True)
+            images = images.to(device, non_blocking=True, memory_format=self.memory_format)
             targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
             # DDP all-reduces the gradients on the last pass of an accumulated batch only.
             synced = micro_step == self.accumulation - 1 or not self.process.distributed
