@@ -7,7 +7,6 @@ import re
 import sys
 
 import onnx
-import openvino as ov
 import pytest
 import torch
 from PIL import Image
@@ -15,6 +14,7 @@ from PIL import Image
 from rtdetr import RTDETR, load_detector
 from rtdetr.cli import main
 from rtdetr.engine.evaluation import evaluate
+from rtdetr.export.openvino import openvino_core
 from rtdetr.export.quantize import DEFAULT_SPLIT, SPLITS, calibration_images, export_int8, quantized_layers
 from rtdetr.ops.boxes import box_iou
 
@@ -50,7 +50,7 @@ def test_int8_keeps_the_trained_models_ap_and_detections(int8_ir):
 
 def test_the_decoder_ops_of_the_split_stay_float(int8_ir):
     _, path, _ = int8_ir
-    layers = quantized_layers(ov.Core().read_model(str(path)))
+    layers = quantized_layers(openvino_core().read_model(str(path)))
     patterns = SPLITS[DEFAULT_SPLIT].float_patterns
     kept_float = {name for name in layers if any(re.fullmatch(p, name) for p in patterns)}
     # sampling offsets + attention weights per layer, score and box heads, query selection: all present

@@ -16,7 +16,7 @@ from rtdetr.cli import main
 from rtdetr.export import openvino as openvino_export
 from rtdetr.export.onnx import EndToEndDetector, ExportCheckError, matched_max_diff
 from rtdetr.export.openvino import (
-    check_openvino, compile_ir, export_openvino, read_ir_metadata, run_compiled, runtime_precision,
+    check_openvino, compile_ir, export_openvino, openvino_core, read_ir_metadata, run_compiled, runtime_precision,
 )  # fmt: skip
 from rtdetr.config import native_bf16
 from rtdetr.inference.openvino import OpenVinoDetector
@@ -74,7 +74,7 @@ def test_fp32_is_fp32_weights_and_f32_inference_on_any_cpu(tiny, tmp_path):
 
 def real_constants(path) -> set:
     """The element types of an IR's floating-point constants (its weights)."""
-    return {op.get_element_type() for op in ov.Core().read_model(str(path)).get_ordered_ops()
+    return {op.get_element_type() for op in openvino_core().read_model(str(path)).get_ordered_ops()
             if op.get_type_name() == "Constant" and op.get_element_type().is_real()}  # fmt: skip
 
 
@@ -95,7 +95,7 @@ def test_metadata_round_trips(tiny):
     assert json.loads(meta["class_names"]) == NAMES and json.loads(meta["category_ids"]) == IDS
     assert json.loads(meta["image_size"]) == [320, 320] and meta["precision"] == "fp32"
     assert "no mean/std" in meta["preprocessing"] and "f32" in meta["inference"]
-    converted = ov.Core().read_model(str(path))
+    converted = openvino_core().read_model(str(path))
     assert [i.get_any_name() for i in converted.inputs] == ["images", "orig_target_sizes"]
     assert [o.get_any_name() for o in converted.outputs] == ["labels", "boxes", "scores"]
 

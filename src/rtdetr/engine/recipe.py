@@ -311,7 +311,8 @@ def _auto_length(c: _Choices, facts: RunFacts) -> tuple[int, int]:
         evaluations = min(EVALUATIONS, int(EVAL_BUDGET_SHARE * seconds // facts.eval_seconds))
     if evaluations:
         interval = max(1, round(first_epochs / evaluations))
-        why = f"~{evaluations} evaluations in the ~{first_epochs} epochs the budget allows (at most {EVALUATIONS}"
+        why = f"~{evaluations} evaluation{'s' * (evaluations > 1)} in the ~{first_epochs} epochs the budget allows"
+        why += f" (at most {EVALUATIONS}"
         why += f", within {EVAL_BUDGET_SHARE:.0%} of it at ~{facts.eval_seconds:.3g} s each)"
     else:
         interval = first_epochs
