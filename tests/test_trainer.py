@@ -323,3 +323,40 @@ def test_tiny_model_overfits_a_handful_of_images(tmp_path):
     )  # fmt: skip
     best = torch_load(out / "best.pt")["metrics"]
     assert best["AP50"] >= 0.9, best
+
+
+def test_channels_last_training_computes_the_same_loss_and_gradients():
+    # The trainer runs CPU training channels-last (faster oneDNN convolutions): the layout must not change the math.
+    torch.manual_seed(0)
+    model = RTDETR.from_preset("rtdetr_tiny", num_classes=3, image_size=(96, 96), num_denoising=0).train()
+    images = torch.rand(2, 3, 96, 96)
+    targets = [{"labels": torch.tensor([0, 2]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.3], [0.7, 0.6, 0.3, 0.2]])},
+               {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.5, 0.5, 0.4, 0.4]])}]  # fmt: skip
+
+    def loss_and_grads(memory_format: torch.memory_format) -> tuple[float, list[torch.Tensor]]:
+        model.zero_grad()
+        model.to(memory_format=memory_format)
+        loss = model.compute_loss(images.contiguous(memory_format=memory_format), targets)["loss"]
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    loss, grads = loss_and_grads(torch.contiguous_format)
+    loss_cl, grads_cl = loss_and_grads(torch.channels_last)
+    assert model.backbone.conv1.conv1_1.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert loss_cl == pytest.approx(loss, rel=1e-5)
+    assert len(grads_cl) == len(grads)
+    # Float summation order differs, and random weights leave near-ties in the top-K query selection that such noise
+    # can reorder: gradients agree to 5% of each tensor's scale (the stem's differ by ~1%); 1e-8 absolute for the
+    # biases before a BatchNorm, whose gradient is zero up to rounding (~1e-11).
+    for a, b in zip(grads, grads_cl):
+        assert (b - a).abs().max() <= 5e-2 * a.abs().max() + 1e-8
+
+
+def test_the_trainer_trains_channels_last_on_cpu(shapes, tmp_path):
+    network = build_model("rtdetr_tiny", None, 5, {"image_size": (96, 96)})
+    train_set = CocoDetection(shapes / "annotations/instances_train.json", shapes / "train")
+    val_set = CocoDetection(shapes / "annotations/instances_val.json", shapes / "val")
+    trainer = Trainer(network, TrainConfig(output=str(tmp_path), num_workers=0, batch_size=4), train_set, val_set,
+                      Rank(0, 1, torch.device("cpu")))  # fmt: skip
+    convs = [m.weight for m in trainer.model.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs if w.shape[-1] > 1)
