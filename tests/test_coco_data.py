@@ -7,10 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from torchvision import tv_tensors
+from torchvision.transforms import v2
 
 from rtdetr.data.coco import BatchCollator, CocoDetection, find_split, pack_targets
 from rtdetr.data.synthetic import generate_coco_dataset
 from rtdetr.data.transforms import eval_transforms, train_transforms
+from rtdetr.ops.boxes import box_xyxy_to_cxcywh
 
 
 def write_coco(root: Path, images: dict[int, Image.Image], annotations: list[dict], categories: list[dict]) -> Path:
@@ -175,3 +178,49 @@ def test_stop_epoch_switches_strong_augmentation_off(tmp_path):
 
     assert not only_flipped(4)
     assert only_flipped(5) and only_flipped(70)
+
+
+def v2_pipeline(image_size: tuple[int, int] | None, training: bool, strong: bool) -> v2.Compose:
+    """The official pipeline written with torchvision's v2 transforms of the official names (the reference)."""
+    resize = [v2.Resize(list(image_size))] if image_size is not None else []
+    if not training:
+        return v2.Compose([*resize, v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])
+    augment = [
+        v2.RandomPhotometricDistort(p=0.5), v2.RandomZoomOut(fill=0, side_range=(1.0, 4.0), p=0.5),
+        v2.RandomApply([v2.RandomIoUCrop()], p=0.8),
+    ] if strong else []  # fmt: skip
+    return v2.Compose([
+        *augment, v2.SanitizeBoundingBoxes(min_size=1), v2.RandomHorizontalFlip(), *resize, v2.ToImage(),
+        v2.ToDtype(torch.float32, scale=True), v2.SanitizeBoundingBoxes(min_size=1),
+    ])  # fmt: skip
+
+
+@pytest.mark.parametrize("size, training, strong", [
+    ((96, 128), True, False), ((60, 80), True, False), ((48, 40), True, True), ((64, 48), False, False),
+    (None, False, False),
+])  # fmt: skip
+def test_transforms_match_torchvision_v2(size, training, strong):
+    """Our ops give the pixels, boxes, labels and random draws of torchvision's v2 transforms, including boxes
+    dropped for being under a pixel before or after the resize, and boxes on the image's edges."""
+    torch.manual_seed(0)
+    image = Image.fromarray((torch.rand(60, 80, 3) * 255).to(torch.uint8).numpy())
+    boxes = torch.tensor([[0, 0, 80, 60], [10, 10, 30, 25], [5, 5, 5.5, 20], [70, 50, 80, 60], [40, 3, 42, 4.5]])
+    labels = torch.arange(len(boxes))
+    ours = train_transforms(size, stop_epoch=None if strong else 0) if training else eval_transforms(size)
+    reference = v2_pipeline(size, training, strong)
+    for seed in range(12):
+        target = {"boxes": boxes.clone(), "labels": labels.clone(), "image_id": torch.tensor(7)}
+        torch.manual_seed(seed)
+        out, got = ours(image, target)
+        torch.manual_seed(seed)
+        canvas = tv_tensors.BoundingBoxes(boxes.clone(), format="XYXY", canvas_size=(60, 80))
+        expected_image, expected = reference(image, {**target, "boxes": canvas})
+        height, width = expected_image.shape[-2:]
+        expected_boxes = box_xyxy_to_cxcywh(expected["boxes"].as_subclass(torch.Tensor)) / torch.tensor(
+            [width, height, width, height]
+        )
+        assert torch.equal(out, expected_image.as_subclass(torch.Tensor)), f"seed {seed}"
+        assert torch.equal(got["labels"], expected["labels"]) and got["image_id"] == 7, f"seed {seed}"
+        torch.testing.assert_close(got["boxes"], expected_boxes, rtol=0, atol=1e-6)
+        if training and not strong:
+            assert got["labels"].tolist() in ([0, 1, 3], [0, 1, 3, 4]), "the 0.5-px-wide box is dropped"
