@@ -212,6 +212,7 @@ class TrainConfig:
     skip_bad_images: bool = False
     check_data: bool = True  # run the dataset check (every annotation and image) before training
     device: str = "auto"  # 'auto': cuda if available, else cpu
+    processes: int = 1  # training processes this run starts (DDP); 0: chosen for the device (`engine.launch`)
     output: str = "runs/train"
 
     def __post_init__(self) -> None:
@@ -219,6 +220,8 @@ class TrainConfig:
             setattr(self, name, tuple(getattr(self, name)))
         if self.amp not in AMP_MODES:
             raise ValueError(f"TrainConfig.amp must be one of {AMP_MODES}, got {self.amp!r}")
+        if self.processes < 0:
+            raise ValueError(f"TrainConfig.processes must be >= 1 (or 0: chosen for the device), got {self.processes}")
         if self.num_workers < -1:
             raise ValueError(f"TrainConfig.num_workers must be >= 0 (or -1: chosen for the device), got {self.num_workers}")
         if self.epochs < 1 or self.batch_size < 1 or self.step_batch_size < 0:

@@ -4,4 +4,5 @@ import sys
 
 from . import main
 
-sys.exit(main())
+if __name__ == "__main__":  # training processes started by `engine.launch` import this module again
+    sys.exit(main())

@@ -35,6 +35,13 @@ def add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda or cuda:i")
 
 
+def add_processes(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--processes", type=int, metavar="N",
+                   help="training processes on this machine (DDP): 0 (default) chooses for the device, on a CPU one "
+                   "per core while each gets 8+ images of the batch (faster than one process with every thread); "
+                   "1: one process")  # fmt: skip
+
+
 def add_amp(p: argparse.ArgumentParser) -> None:
     p.add_argument("--amp", default="off", choices=AMP_MODES,
                    help="run the network under autocast: bf16 (CPUs with AMX/AVX512-BF16, CUDA) or fp16 (CUDA)")  # fmt: skip

@@ -18,7 +18,7 @@ from ..engine.evaluation import evaluate
 from ..engine.run import train
 from ..export.openvino import is_openvino
 from ..weights.checkpoint import torch_load
-from .arguments import add_amp, add_device, add_image_size, add_settings, parse_settings
+from .arguments import add_amp, add_device, add_image_size, add_processes, add_settings, parse_settings
 from . import demo
 
 
@@ -26,8 +26,10 @@ def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Config overrides from the named flags and --set (the flags win)."""
     overrides = parse_settings(args.set)
     named = {"epochs": args.epochs, "time_minutes": args.time, "batch_size": args.batch_size, "device": args.device,
-             "output": args.output, "image_size": args.img_size, "recipe": args.recipe, "patience": args.patience}  # fmt: skip
+             "output": args.output, "image_size": args.img_size, "recipe": args.recipe, "patience": args.patience,
+             "processes": args.processes}  # fmt: skip
     overrides.update({k: v for k, v in named.items() if v is not None})
+    overrides.setdefault("processes", 0)  # the command line chooses them for the device (`engine.launch`)
     return overrides
 
 
@@ -91,6 +93,7 @@ def add(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--batch-size", type=int, help="images per optimizer step, all processes together")
     add_image_size(t, "training and evaluation size")
     add_device(t)
+    add_processes(t)
     t.add_argument("--output", help="run folder (default runs/train; resume: the folder of last.pt)")
     add_settings(t, "any TrainConfig or ModelConfig field, e.g. lr=2e-4 amp=bf16")
     t.set_defaults(func=run_train)

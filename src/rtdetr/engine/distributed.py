@@ -44,8 +44,7 @@ def init_distributed(device: str = "auto") -> Rank:
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = requested_device(device)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"device '{device}' requested but CUDA is not available")
     if device == "cuda":
@@ -57,6 +56,13 @@ def init_distributed(device: str = "auto") -> Rank:
         dist.init_process_group(backend=backend)
         logger.info("process %d of %d on %s (%s)", rank, world_size, device, backend)
     return Rank(rank, world_size, torch.device(device))
+
+
+def requested_device(device: str) -> str:
+    """'auto' -> 'cuda' when CUDA is available, else 'cpu'; any other name unchanged."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
 
 
 def cleanup_distributed() -> None:
@@ -76,8 +82,8 @@ def wrap_model(model: nn.Module, process: Rank, sync_bn: bool, find_unused_param
         return model
     if sync_bn and process.device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    elif sync_bn:
-        logger.warning("sync_bn: SyncBatchNorm needs GPUs; on CPU each process normalises with its own batch")
+    elif sync_bn and process.is_main:
+        logger.info("BatchNorm: each CPU process normalises with its own share of the batch (SyncBatchNorm needs GPUs)")
     device_ids = [process.device.index] if process.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=find_unused_parameters)
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import torch
+
 from ..config import ModelConfig, TrainConfig, check_overrides, native_bf16, preset
 from ..data.coco import CocoDetection
 from ..data.datasets import open_split
@@ -29,7 +31,8 @@ from ..models.rtdetr import RTDETRModel
 from ..weights.checkpoint import torch_load
 from ..weights.loading import fit_state_dict, read_weights
 from .allocator import keep_freed_memory
-from .distributed import Rank, cleanup_distributed, init_distributed
+from .launch import launch, local_processes
+from .distributed import Rank, all_gather_objects, cleanup_distributed, init_distributed, requested_device
 from .recipe import Resolution, RunFacts, official_variant, resolve, training_amp
 from .rng import rng_state, seed_everything, set_rng_state
 from .schedule import TimeBudget, guess_eval_seconds
@@ -147,7 +150,9 @@ def train(
     files per split. Every split is checked first (`DataSource.check`); errors refuse the run, all listed.
     weights: start from these weights (official, Hugging Face or ours; class heads re-initialised for new
     classes). resume: continue a run from its last.pt (config, data paths and state come from it; TrainConfig
-    overrides such as epochs still apply). overrides: TrainConfig and ModelConfig fields by name.
+    overrides such as epochs still apply). overrides: TrainConfig and ModelConfig fields by name; with
+    processes=0 (chosen for the device) or N > 1 the run trains in that many new processes (`engine.launch`;
+    `rtdetr train` passes 0) and this returns rank 0's output folder.
     """
     train_overrides, model_overrides = split_overrides(overrides)
     given = {"data": data, "train_ann": train_ann, "train_images": train_images, "val_ann": val_ann,
@@ -159,8 +164,17 @@ def train(
     source = DataSource(**{**(checkpoint["data"] if checkpoint else {}), **given})
     if checkpoint is None and train_overrides.get("check_data", TrainConfig.check_data):
         source.check()
-    saved_device = checkpoint["train_config"]["device"] if checkpoint else TrainConfig.device
-    process = init_distributed(train_overrides.get("device", saved_device))
+    saved = TrainConfig(**checkpoint["train_config"]) if checkpoint else TrainConfig()
+    settings = saved.replace(**train_overrides)
+    device_type = torch.device(requested_device(settings.device)).type
+    processes, why = local_processes(settings.processes, device_type, os.cpu_count() or 1, settings.batch_size)
+    if processes > 1 and "WORLD_SIZE" not in os.environ:  # not yet one of the processes (ours or torchrun's)
+        if callbacks:
+            raise ValueError("callbacks run in this process only: train with processes=1 to use them")
+        logger.info("training in %d processes: %s", processes, why)
+        kwargs = {"model": model, "weights": weights, "resume": resume, **given, **overrides, "check_data": False}
+        return launch(train, kwargs, processes)  # (the data was checked here)
+    process = init_distributed(settings.device)
     if process.device.type == "cpu":
         keep_freed_memory()  # ~10% faster CPU steps: no page faults for the same activations every step
     try:
@@ -255,6 +269,8 @@ def probe_seconds_per_step(
         times.append(time.perf_counter() - tic)
     set_rng_state(saved)
     seconds = statistics.median(times[1:] or times)  # one batch per epoch: the warm-up step is all there is
+    # The slowest process's: DDP steps go at its pace, and every process must derive the same schedule.
+    seconds = max(all_gather_objects(seconds, process))
     logger.info("time budget: %.3f s per optimizer step measured on %d probe steps", seconds, steps)
     return seconds
 

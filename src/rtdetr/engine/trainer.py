@@ -176,7 +176,7 @@ class Trainer:
         the strong-augmentation stop epoch with the epochs (only while it is still ahead)."""
         if self.budget is None:
             return
-        total = self.planned_steps()
+        total = all_gather_objects(self.planned_steps(), self.process)[0]  # rank 0's: one schedule for all ranks
         self.schedule.set_total_steps(total)
         if self.config.stop_epoch < 0:
             stop_epoch = max(math.ceil(total / self.steps_per_epoch) + self.config.stop_epoch, 0)
