@@ -96,9 +96,8 @@ def _collect(workers: list, results: Any) -> dict[int, Any]:
             continue
         if not ok:
             kind, message, trace = value
-            if kind in {error.__name__ for error in USER_ERRORS}:
-                raise {error.__name__: error for error in USER_ERRORS}[kind](message)
-            raise RuntimeError(f"training process {rank} failed:\n{trace}")
+            user_error = {error.__name__: error for error in USER_ERRORS}.get(kind)
+            raise user_error(message) if user_error else RuntimeError(f"training process {rank} failed:\n{trace}")
         outcomes[rank] = value
     return outcomes
 

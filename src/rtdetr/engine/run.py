@@ -172,8 +172,9 @@ def train(
         if callbacks:
             raise ValueError("callbacks run in this process only: train with processes=1 to use them")
         logger.info("training in %d processes: %s", processes, why)
-        kwargs = {"model": model, "weights": weights, "resume": resume, **given, **overrides, "check_data": False}
-        return launch(train, kwargs, processes)  # (the data was checked here)
+        kwargs = {"model": model, "weights": weights, "resume": resume, **given, **overrides, "processes": processes,
+                  "check_data": False}  # (the data was checked here)  # fmt: skip
+        return launch(train, kwargs, processes)
     process = init_distributed(settings.device)
     if process.device.type == "cpu":
         keep_freed_memory()  # ~10% faster CPU steps: no page faults for the same activations every step
