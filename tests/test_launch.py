@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,7 +14,9 @@ import torch
 from rtdetr.data.synthetic import generate_coco_dataset
 from rtdetr.engine.distributed import all_gather_objects
 from rtdetr.engine.launch import launch, local_processes
+from rtdetr.engine import run as run_module
 from rtdetr.engine.run import train
+from rtdetr.engine.schedule import TimeBudget
 from rtdetr.weights.checkpoint import torch_load
 
 
@@ -71,10 +74,17 @@ def record_steps(trainer) -> None:
 
 
 def budgeted_run(data: str, output: str) -> str:
-    """A 2-process run with a time budget and a callback (possible inside the processes themselves)."""
+    """A 2-process run with a time budget, a decaying lr (it depends on the planned total) and a callback (possible
+    inside the processes themselves). Rank 1 alone times a 1.5x slower probe and re-estimates 3 more steps: left to
+    themselves the ranks would plan different decays."""
+    if os.environ["RANK"] == "1":
+        median = run_module.statistics.median
+        run_module.statistics = SimpleNamespace(median=lambda values: 1.5 * median(values))
+        planned_total = TimeBudget.planned_total
+        TimeBudget.planned_total = lambda self, *args: planned_total(self, *args) + 3
     return str(train("rtdetr_tiny", data, output=output, callbacks=[record_steps], time_minutes=0.3,
-                     batch_size=4, image_size=(64, 64), num_queries=20, num_denoising=10, eval_batch_size=8,
-                     device="cpu"))  # fmt: skip
+                     lr_schedule="flat-cosine", flat_fraction=0.2, batch_size=4, image_size=(64, 64), num_queries=20,
+                     num_denoising=10, eval_batch_size=8, device="cpu"))  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +105,7 @@ def test_a_two_process_time_budget_run_keeps_every_rank_on_one_schedule(data, tm
     out = launch(budgeted_run, {"data": str(data), "output": str(tmp_path / "run")}, processes=2)
     rows = [json.loads(line) for line in open(os.path.join(out, "steps.jsonl"))]
     assert len(rows) >= 4
+    assert len({lr for (_, lr, _), _ in rows}) > 2, "the lr decays during the run"
     for (step0, lr0, sum0), (step1, lr1, sum1) in rows:
         assert step0 == step1 and lr0 == lr1, "one lr schedule on every rank"
         assert sum0 == sum1, f"the ranks' weights differ after step {step0}"

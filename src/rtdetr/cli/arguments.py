@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ..config import AMP_MODES, PRESETS
+from ..engine.distributed import requested_device
 
 
 def image_size_arg(text: str) -> tuple[int, int]:
@@ -66,8 +67,7 @@ def add_settings(p: argparse.ArgumentParser, what: str) -> None:
 
 def resolve_device(device: str) -> str:
     """'auto' -> 'cuda' when available, else 'cpu'; a CUDA device without CUDA is an error."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+    device = requested_device(device)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device} requested but CUDA is not available (use --device cpu or auto)")
     return device
